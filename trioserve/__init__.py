@@ -1,0 +1,30 @@
+"""trioserve: Python's socketserver model on Trio's structured concurrency."""
+
+from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from ._server import BaseServer
+from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
+from ._stats import ServerStats
+from ._streams import (
+    AsyncBufferedReader,
+    AsyncBufferedWriter,
+    AsyncPacketWriter,
+    LineTooLong,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncBufferedReader",
+    "AsyncBufferedWriter",
+    "AsyncPacketWriter",
+    "BaseRequestHandler",
+    "BaseServer",
+    "DatagramRequestHandler",
+    "LineTooLong",
+    "ServerStats",
+    "StreamRequestHandler",
+    "TCPServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
+]

@@ -1,0 +1,165 @@
+"""Request handlers: the object that serves one request, and its lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._streams import (
+    DEFAULT_MAX_LINE_LENGTH,
+    DEFAULT_RECEIVE_SIZE,
+    AsyncBufferedReader,
+    AsyncBufferedWriter,
+    AsyncPacketWriter,
+)
+
+if TYPE_CHECKING:
+    from ._server import BaseServer
+
+LOGGER = logging.getLogger("trioserve")
+
+
+class BaseRequestHandler:
+    """The base of every request handler.
+
+    The server makes one instance per request, passing the ``request``, the
+    ``client_address`` and itself, then awaits :meth:`setup`, :meth:`handle`
+    and :meth:`finish` in that order. :meth:`finish` runs whenever
+    :meth:`setup` returned, also when :meth:`handle` raised or was cancelled;
+    it runs shielded from cancellation for at most :attr:`finish_timeout`
+    seconds, so cleanup gets done even while the server is being cancelled.
+    If :meth:`setup` raises, :meth:`finish` is not called.
+
+    An exception that escapes reaches the server's ``handle_error``; the
+    server keeps serving.
+    """
+
+    #: Seconds :meth:`finish` may run, shielded from cancellation; ``None``
+    #: means no bound (a ``finish`` that hangs then stalls shutdown forever).
+    finish_timeout: float | None = 2.0
+
+    def __init__(self, request: Any, client_address: Any, server: BaseServer) -> None:
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+
+    async def setup(self) -> None:
+        """Prepare to handle the request. Does nothing by default."""
+
+    async def handle(self) -> None:
+        """Serve the request. Does nothing by default; override this."""
+
+    async def finish(self) -> None:
+        """Clean up after :meth:`handle`. Does nothing by default."""
+
+
+async def run_handler(handler: BaseRequestHandler) -> None:
+    """Await ``setup``, ``handle`` and ``finish`` with the guarantees above."""
+    await handler.setup()
+    try:
+        await handler.handle()
+    finally:
+        with trio.CancelScope(shield=True) as scope:
+            if handler.finish_timeout is not None:
+                scope.relative_deadline = handler.finish_timeout
+            await handler.finish()
+        if scope.cancelled_caught:
+            LOGGER.warning(
+                "finish() of %s for %r was cut off after finish_timeout (%s s)",
+                type(handler).__name__,
+                handler.client_address,
+                handler.finish_timeout,
+            )
+
+
+class StreamRequestHandler(BaseRequestHandler):
+    """A handler for stream servers (TCP, Unix, TLS) with ``rfile`` and ``wfile``.
+
+    After :meth:`setup`:
+
+    - ``self.connection`` is the request's Trio stream: a
+      :class:`trio.SocketStream`, or a :class:`trio.SSLStream` under TLS.
+    - ``self.rfile`` is an :class:`~trioserve.AsyncBufferedReader` over it:
+      ``await rfile.readline()``, ``await rfile.read(n)``,
+      ``await rfile.read1(n)``, ``async for line in rfile``.
+    - ``self.wfile`` is an :class:`~trioserve.AsyncBufferedWriter` over it:
+      ``await wfile.write(data)``, ``await wfile.flush()``. It is flushed by
+      :meth:`finish`.
+
+    When a graceful shutdown starts, a read that is waiting for the first
+    byte of a new message returns end-of-stream at once (``readline()``
+    returns ``b""``, ``async for`` ends), so an idle connection leaves
+    without waiting for the grace period. A read holding part of a message
+    keeps waiting for the rest.
+    """
+
+    #: The most bytes one receive asks the stream for.
+    rbufsize: int = DEFAULT_RECEIVE_SIZE
+    #: ``0``: every write is sent at once. More: writes gather until that many
+    #: bytes are buffered, or until ``flush()``/``finish()``.
+    wbufsize: int = 0
+    #: Seconds a read or a write may make no progress before it raises
+    #: :exc:`TimeoutError`; ``None`` waits forever.
+    timeout: float | None = None
+    #: The longest line ``rfile`` accepts, in bytes with its ``\n``; a longer
+    #: one raises :exc:`trioserve.LineTooLong`.
+    max_line_length: int = DEFAULT_MAX_LINE_LENGTH
+
+    connection: trio.abc.Stream
+    rfile: AsyncBufferedReader
+    wfile: AsyncBufferedWriter
+
+    async def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = AsyncBufferedReader(
+            self.connection,
+            receive_size=self.rbufsize,
+            max_line_length=self.max_line_length,
+            timeout=self.timeout,
+            shutdown_signal=self.server._shutdown_signal,
+        )
+        self.wfile = AsyncBufferedWriter(
+            self.connection, buffer_size=self.wbufsize, timeout=self.timeout
+        )
+
+    async def finish(self) -> None:
+        # If the peer has gone, there is nobody left to deliver to.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.wfile.flush()
+
+
+class DatagramRequestHandler(BaseRequestHandler):
+    """A handler for datagram servers (UDP, Unix datagram).
+
+    ``self.request`` is the pair ``(data, socket)``; :meth:`setup` unpacks
+    it into ``self.packet`` and ``self.socket``, and makes ``self.rfile`` a
+    reader over the datagram's bytes and ``self.wfile`` an
+    :class:`~trioserve.AsyncPacketWriter`. :meth:`finish` sends whatever was
+    written to ``client_address`` as one datagram; nothing is sent if
+    nothing was written. ``rfile`` and ``wfile`` have the same async
+    interface as :class:`StreamRequestHandler`'s, so one ``handle()`` body,
+    written as a mixin, serves streams and datagrams alike.
+    """
+
+    #: The longest line ``rfile`` accepts, as for streams.
+    max_line_length: int = DEFAULT_MAX_LINE_LENGTH
+
+    packet: bytes
+    socket: trio.socket.SocketType
+    rfile: AsyncBufferedReader
+    wfile: AsyncPacketWriter
+
+    async def setup(self) -> None:
+        self.packet, self.socket = self.request
+        self.rfile = AsyncBufferedReader.from_bytes(
+            self.packet, max_line_length=self.max_line_length
+        )
+        self.wfile = AsyncPacketWriter()
+
+    async def finish(self) -> None:
+        reply = self.wfile.getvalue()
+        if reply:
+            await self.socket.sendto(reply, self.client_address)

@@ -1,0 +1,454 @@
+"""BaseServer: the request lifecycle, concurrency, timeouts and shutdown."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from enum import Enum
+from types import TracebackType
+from typing import Any, Final
+
+import attrs
+import trio
+
+from ._handlers import BaseRequestHandler, run_handler
+from ._shutdown import ShutdownSignal
+from ._stats import ServerStats
+
+LOGGER = logging.getLogger("trioserve")
+
+# Errors that accept(2) returns when the process or the system has run out of
+# something. Retrying at once would spin; the pressure usually lifts when
+# other connections close, so we pause and try again.
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+
+# How long to pause after one of those errors.
+ACCEPT_RETRY_DELAY: Final = 0.1
+
+# Errors that concern one pending connection, not the listening socket: the
+# peer went away before we accepted, or (per accept(2) on Linux) a network
+# error already pending on the new socket. The next accept may well succeed.
+ACCEPT_TRANSIENT_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "ECONNRESET",
+        "EPROTO",
+        "EPERM",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "EINTR",
+    )
+    if hasattr(errno, name)
+)
+
+# Errors that mean the listening socket itself is closed: serving is over.
+ACCEPT_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+# shutdown_request runs shielded, so that a request cancelled from outside
+# still releases its socket; this bound keeps an override that hangs from
+# stalling shutdown for ever.
+REQUEST_CLOSE_TIMEOUT: Final = 1.0
+
+# The servers whose serve_forever (or handle_request) encloses the current
+# task. shutdown() called from inside one of them must not wait for it to
+# return: it would be waiting for itself.
+_ENCLOSING_SERVERS: ContextVar[tuple[BaseServer, ...]] = ContextVar(
+    "trioserve_enclosing_servers", default=()
+)
+
+
+class _Default(Enum):
+    TOKEN = "DEFAULT"
+
+
+#: Marks a constructor option that was not given: the class attribute applies.
+DEFAULT: Final = _Default.TOKEN
+
+
+@attrs.define(eq=False)
+class _Serving:
+    """The state of one ``serve_forever`` or ``handle_request`` call."""
+
+    nursery: trio.Nursery
+    finished: trio.Event
+    slots: trio.Semaphore | None
+    accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+    def release_slot(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
+
+
+class BaseServer:
+    """The base of all servers: ``socketserver.BaseServer`` on Trio.
+
+    A server hands each request to ``RequestHandlerClass`` in a task of its
+    own. It does no I/O of its own; :class:`TCPServer` and its kin add the
+    socket. Subclasses override the hooks below, all of which are async.
+
+    Args:
+      server_address: Where to listen, in the form the socket family takes.
+      RequestHandlerClass: A :class:`BaseRequestHandler` subclass; one
+        instance serves each request.
+      max_concurrent_requests: Overrides the class attribute of that name.
+      shutdown_timeout: Overrides the class attribute of that name.
+    """
+
+    #: Seconds :meth:`handle_request` waits for a request before it awaits
+    #: :meth:`handle_timeout`; ``None`` waits forever.
+    timeout: float | None = None
+    #: Seconds :meth:`shutdown` lets requests in flight run before it cancels
+    #: them. ``math.inf`` waits for them however long they take.
+    shutdown_timeout: float = 5.0
+    #: The most requests handled at once; ``None`` means no bound. At the
+    #: bound the server stops accepting until a request finishes, so excess
+    #: clients wait in the listen backlog instead of in memory.
+    max_concurrent_requests: int | None = None
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: type[BaseRequestHandler],
+        *,
+        max_concurrent_requests: int | _Default | None = DEFAULT,
+        shutdown_timeout: float | _Default = DEFAULT,
+    ) -> None:
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        if max_concurrent_requests is not DEFAULT:
+            self.max_concurrent_requests = max_concurrent_requests
+        if shutdown_timeout is not DEFAULT:
+            self.shutdown_timeout = shutdown_timeout
+        if (
+            self.max_concurrent_requests is not None
+            and self.max_concurrent_requests < 1
+        ):
+            raise ValueError("max_concurrent_requests must be at least 1, or None")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must not be negative")
+        #: The server's :class:`ServerStats`.
+        self.stats = ServerStats()
+        self._serving: _Serving | None = None
+        self._accepting = False
+        # Handlers' readers watch this to leave at once when shutdown starts;
+        # each serve_forever gets a fresh one.
+        self._shutdown_signal = ShutdownSignal()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.server_address!r}>"
+
+    async def __aenter__(self) -> BaseServer:
+        await self._ensure_activated()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.server_close()
+
+    async def _ensure_activated(self) -> None:
+        """Bind and activate, once, if the server was built to do so.
+
+        :class:`BaseServer` has nothing to bind; :class:`TCPServer` binds here.
+        """
+        await trio.lowlevel.checkpoint()
+
+    # -- serving -----------------------------------------------------------
+
+    def is_serving(self) -> bool:
+        """True exactly while :meth:`serve_forever` accepts new requests."""
+        return self._accepting
+
+    async def serve_forever(
+        self,
+        poll_interval: float = 0.5,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and handle requests until :meth:`shutdown`.
+
+        Binds and activates first if that has not happened yet. Each request
+        is checked by :meth:`verify_request` and passed to
+        :meth:`process_request`, which by default handles it in a new task of
+        a nursery that this call owns; so when this call returns, no request
+        is running. :meth:`service_actions` runs every ``poll_interval``
+        seconds while accepting.
+
+        Use it with ``nursery.start``: ``task_status.started()`` reports
+        ``server_address`` once the server is listening.
+
+        Resource handling:
+          Accepting stops when :meth:`shutdown` is called or the listening
+          socket is closed (:meth:`server_close`); requests in flight then
+          get ``shutdown_timeout`` seconds to finish and are cancelled after
+          that. The listening socket stays open until :meth:`server_close`,
+          so ``serve_forever`` may be called again.
+
+        Cancellation:
+          If this call is cancelled, every request is cancelled, each
+          handler whose ``setup()`` completed still runs ``finish()``
+          (shielded, for at most its ``finish_timeout``), each request is
+          closed, and :exc:`trio.Cancelled` propagates.
+
+        Error handling:
+          An exception from a handler goes to :meth:`handle_error` and
+          serving goes on. Out-of-resource errors from accept (``EMFILE``,
+          ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) are logged and retried after
+          a short pause; errors that concern one pending connection
+          (``ECONNABORTED`` and kin) are skipped. Any other error, and any
+          :exc:`BaseException` that is not an :exc:`Exception`, ends
+          serving and propagates, wrapped in an exception group by the
+          nursery it escapes.
+        """
+        async with (
+            self._serve(self.max_concurrent_requests) as serving,
+            trio.open_nursery() as service_nursery,
+        ):
+            service_nursery.start_soon(self._run_service_actions, poll_interval)
+            with serving.accept_scope:
+                self._accepting = True
+                task_status.started(self.server_address)
+                await self._accept_loop(serving)
+            # Accepting has stopped: by shutdown(), or because the socket was
+            # closed, in which case the shutdown begins here.
+            self._begin_shutdown(serving, self.shutdown_timeout)
+            service_nursery.cancel_scope.cancel()
+
+    async def handle_request(self) -> None:
+        """Wait for one request and handle it to completion.
+
+        Binds and activates first if that has not happened yet. Waits at
+        most :attr:`timeout` seconds (``None``: for ever); if none comes, it
+        awaits :meth:`handle_timeout` and returns. A :meth:`shutdown` while
+        it waits makes it return at once.
+        """
+        async with self._serve(None) as serving:
+            wait = math.inf if self.timeout is None else self.timeout
+            with serving.accept_scope, trio.move_on_after(wait) as timer:
+                accepted = await self._next_request()
+            if timer.cancelled_caught:
+                await self.handle_timeout()
+            elif accepted is not None:
+                await self._handle_accepted(serving, *accepted)
+
+    @asynccontextmanager
+    async def _serve(self, max_concurrent: int | None) -> AsyncIterator[_Serving]:
+        if self._serving is not None:
+            raise RuntimeError(f"{self!r} is already serving")
+        await self._ensure_activated()
+        slots = None if max_concurrent is None else trio.Semaphore(max_concurrent)
+        finished = trio.Event()
+        enclosing = _ENCLOSING_SERVERS.set((*_ENCLOSING_SERVERS.get(), self))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._shutdown_signal = ShutdownSignal()
+                self._serving = _Serving(nursery, finished, slots)
+                yield self._serving
+        finally:
+            self._accepting = False
+            self._serving = None
+            finished.set()
+            _ENCLOSING_SERVERS.reset(enclosing)
+
+    async def _run_service_actions(self, poll_interval: float) -> None:
+        while True:
+            await trio.sleep(poll_interval)
+            await self.service_actions()
+
+    async def _accept_loop(self, serving: _Serving) -> None:
+        while True:
+            if serving.slots is not None:
+                # Backpressure: at the bound, stop accepting.
+                await serving.slots.acquire()
+            try:
+                accepted = await self._next_request()
+            except BaseException:
+                serving.release_slot()
+                raise
+            if accepted is None:
+                serving.release_slot()
+                return
+            await self._handle_accepted(serving, *accepted)
+
+    async def _next_request(self) -> tuple[Any, Any] | None:
+        """Return the next ``get_request()``; None once the socket is closed."""
+        while True:
+            try:
+                return await self.get_request()
+            except trio.ClosedResourceError:
+                return None
+            except OSError as exc:
+                if exc.errno in ACCEPT_CLOSED_ERRNOS:
+                    return None
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    LOGGER.error(
+                        "accept failed with %s (%s); retrying in %s seconds",
+                        errno.errorcode[exc.errno],
+                        os.strerror(exc.errno),
+                        ACCEPT_RETRY_DELAY,
+                    )
+                    await trio.sleep(ACCEPT_RETRY_DELAY)
+                elif exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                    LOGGER.debug("accept failed with %r; skipping", exc)
+                else:
+                    raise
+
+    async def _handle_accepted(
+        self, serving: _Serving, request: Any, client_address: Any
+    ) -> None:
+        # Like socketserver's _handle_request_noblock: whatever happens, a
+        # request that was not handed to a request task is shut down here.
+        self.stats.accepted += 1
+        handed_off = False
+        try:
+            if await self.verify_request(request, client_address):
+                await self.process_request(request, client_address)
+                handed_off = True
+            else:
+                self.stats.rejected += 1
+        except Exception:
+            self.stats.failed += 1
+            await self.handle_error(request, client_address)
+        finally:
+            if not handed_off:
+                await self._close_request(request)
+                serving.release_slot()
+
+    async def _request_task(
+        self, serving: _Serving, request: Any, client_address: Any
+    ) -> None:
+        stats = self.stats
+        stats.active += 1
+        try:
+            await self.finish_request(request, client_address)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                stats.timed_out += 1
+            else:
+                stats.failed += 1
+            await self.handle_error(request, client_address)
+        except BaseException:
+            stats.cancelled += 1
+            raise
+        else:
+            stats.completed += 1
+        finally:
+            stats.active -= 1
+            await self._close_request(request)
+            serving.release_slot()
+
+    async def _close_request(self, request: Any) -> None:
+        with trio.CancelScope(shield=True, relative_deadline=REQUEST_CLOSE_TIMEOUT):
+            await self.shutdown_request(request)
+
+    # -- shutdown ----------------------------------------------------------
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop serving gracefully; return once :meth:`serve_forever` has returned.
+
+        Accepting stops at once, and stream connections idle between
+        messages see end-of-stream at once. Requests in flight get
+        ``timeout`` seconds (default: :attr:`shutdown_timeout`) to finish;
+        those still running then are cancelled, and their ``finish()`` runs.
+
+        Returns at once if nothing is serving. Calling it again is harmless;
+        a shorter ``timeout`` brings the deadline forward, a longer one does
+        not extend it. Called from inside a handler (or any task that
+        ``serve_forever`` encloses), it starts the shutdown and returns
+        without waiting, since waiting would be waiting for itself.
+        """
+        serving = self._serving
+        if serving is None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._begin_shutdown(
+            serving, self.shutdown_timeout if timeout is None else timeout
+        )
+        if self in _ENCLOSING_SERVERS.get():
+            await trio.lowlevel.checkpoint()
+            return
+        await serving.finished.wait()
+
+    def _begin_shutdown(self, serving: _Serving, grace: float) -> None:
+        self._accepting = False
+        serving.accept_scope.cancel()
+        self._shutdown_signal.start()
+        requests = serving.nursery.cancel_scope
+        requests.deadline = min(requests.deadline, trio.current_time() + grace)
+
+    # -- hooks -------------------------------------------------------------
+
+    async def server_activate(self) -> None:
+        """Start listening. Does nothing here; :class:`TCPServer` listens."""
+
+    async def server_close(self) -> None:
+        """Release the server's resources. Idempotent."""
+        await trio.lowlevel.checkpoint()
+
+    async def get_request(self) -> tuple[Any, Any]:
+        """Wait for the next request; return ``(request, client_address)``."""
+        raise NotImplementedError
+
+    async def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Return False to close the request unhandled. True by default."""
+        return True
+
+    async def process_request(self, request: Any, client_address: Any) -> None:
+        """Start handling the request in a task of its own.
+
+        The task awaits :meth:`finish_request`, then :meth:`shutdown_request`.
+        An override should await ``super().process_request(...)``: that task
+        also keeps the counters and the ``max_concurrent_requests`` bound.
+        """
+        serving = self._serving
+        if serving is None:
+            raise RuntimeError("process_request() is only called while serving")
+        serving.nursery.start_soon(self._request_task, serving, request, client_address)
+
+    async def finish_request(self, request: Any, client_address: Any) -> None:
+        """Handle the request: make the handler and run its lifecycle."""
+        await run_handler(self.RequestHandlerClass(request, client_address, self))
+
+    async def shutdown_request(self, request: Any) -> None:
+        """Shut the request down and close it: :meth:`close_request` here."""
+        await self.close_request(request)
+
+    async def close_request(self, request: Any) -> None:
+        """Clean up one request. Does nothing here."""
+        await trio.lowlevel.checkpoint()
+
+    async def handle_error(self, request: Any, client_address: Any) -> None:
+        """Report an exception that escaped a handler; serving goes on.
+
+        Awaited from inside the ``except`` block, so :func:`sys.exception`
+        (or :func:`sys.exc_info`) gives the exception. The default logs it
+        with its traceback and the client address on the ``trioserve``
+        logger, at ERROR level.
+        """
+        LOGGER.error(
+            "exception while handling the request from %r",
+            client_address,
+            exc_info=True,
+        )
+
+    async def handle_timeout(self) -> None:
+        """Awaited when :meth:`handle_request` waited :attr:`timeout` in vain."""
+
+    async def service_actions(self) -> None:
+        """Awaited every ``poll_interval`` seconds while :meth:`serve_forever` runs."""

@@ -1,0 +1,289 @@
+"""The socket servers: TCP, UDP, Unix stream and Unix datagram."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket as stdlib_socket
+import stat
+from typing import Any
+
+import trio
+
+from ._handlers import BaseRequestHandler
+from ._server import DEFAULT, BaseServer, _Default
+
+LOGGER = logging.getLogger("trioserve")
+
+# Linux caps the listen backlog at net.core.somaxconn (4096 by default), so
+# asking for more costs nothing and lets a bursty server keep its backlog as
+# deep as the administrator allows; socketserver's 5 drops connections under
+# any real load.
+DEFAULT_REQUEST_QUEUE_SIZE = 65535
+
+
+def _family_of(server_address: Any) -> stdlib_socket.AddressFamily:
+    """AF_INET6 for an IPv6 literal host, AF_INET for anything else."""
+    try:
+        host = ipaddress.ip_address(server_address[0])
+    except (ValueError, TypeError, IndexError):
+        return stdlib_socket.AF_INET
+    return stdlib_socket.AF_INET6 if host.version == 6 else stdlib_socket.AF_INET
+
+
+class TCPServer(BaseServer):
+    """A stream server: ``socketserver.TCPServer`` on Trio.
+
+    Each request is a :class:`trio.SocketStream`, with ``TCP_NODELAY`` set
+    (socketserver leaves Nagle's algorithm on, which delays small replies).
+
+    Construction does no I/O. With ``bind_and_activate=True`` the socket is
+    made, bound and put to listen once, on ``async with server`` or at the
+    start of :meth:`serve_forever` or :meth:`handle_request`, whichever comes
+    first; a bind failure raises its :exc:`OSError` there and leaves no
+    socket open. With ``bind_and_activate=False`` the socket is made at once,
+    so you can set options on :attr:`socket`, then await :meth:`server_bind`
+    and :meth:`server_activate` yourself.
+
+    Args:
+      server_address: ``(host, port)``; port 0 picks a free port, and
+        :attr:`server_address` holds the real address once bound.
+      RequestHandlerClass: The handler class, usually a
+        :class:`StreamRequestHandler` subclass.
+      bind_and_activate: Whether the server binds and listens by itself.
+      max_concurrent_requests: As on :class:`BaseServer`.
+      shutdown_timeout: As on :class:`BaseServer`.
+    """
+
+    #: The socket family; ``None`` (the default here) picks ``AF_INET6`` for
+    #: an IPv6 literal host and ``AF_INET`` otherwise. Set it on a subclass
+    #: to choose.
+    address_family: stdlib_socket.AddressFamily | None = None
+    socket_type: stdlib_socket.SocketKind = stdlib_socket.SOCK_STREAM
+    #: Set ``SO_REUSEADDR`` before binding. True here (socketserver: False)
+    #: so a restarted server can bind while old connections sit in TIME_WAIT;
+    #: binding over a live listener still fails with ``EADDRINUSE``.
+    allow_reuse_address: bool = True
+    #: Set ``SO_REUSEPORT`` before binding, so several processes can share
+    #: the address.
+    allow_reuse_port: bool = False
+    #: The listen backlog (socketserver: 5); the kernel caps it.
+    request_queue_size: int = DEFAULT_REQUEST_QUEUE_SIZE
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: type[BaseRequestHandler],
+        bind_and_activate: bool = True,
+        *,
+        max_concurrent_requests: int | _Default | None = DEFAULT,
+        shutdown_timeout: float | _Default = DEFAULT,
+    ) -> None:
+        super().__init__(
+            server_address,
+            RequestHandlerClass,
+            max_concurrent_requests=max_concurrent_requests,
+            shutdown_timeout=shutdown_timeout,
+        )
+        if self.address_family is None:
+            self.address_family = _family_of(server_address)
+        self._socket: trio.socket.SocketType | None = None
+        self._closed = False
+        # False until bound and listening; with bind_and_activate=False that
+        # is the caller's job, so there is nothing left for us to do.
+        self._activated = not bind_and_activate
+        if not bind_and_activate:
+            self._socket = self._new_socket()
+
+    def _new_socket(self) -> trio.socket.SocketType:
+        assert self.address_family is not None
+        return trio.socket.socket(self.address_family, self.socket_type)
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The listening :mod:`trio.socket` socket, once made."""
+        if self._socket is None:
+            raise RuntimeError(
+                f"{self!r} has no socket yet: it binds on 'async with server', "
+                "serve_forever() or handle_request()"
+            )
+        return self._socket
+
+    def fileno(self) -> int:
+        """The listening socket's file descriptor."""
+        return self.socket.fileno()
+
+    async def _ensure_activated(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError(f"{self!r} is closed")
+        if self._activated:
+            await trio.lowlevel.checkpoint()
+            return
+        self._socket = self._new_socket()
+        try:
+            await self.server_bind()
+            await self.server_activate()
+        except BaseException:
+            self._socket.close()
+            self._socket = None
+            raise
+        self._activated = True
+
+    async def server_bind(self) -> None:
+        """Set the reuse options and bind; :attr:`server_address` becomes real."""
+        sock = self.socket
+        if self.allow_reuse_address and hasattr(stdlib_socket, "SO_REUSEADDR"):
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        if self.allow_reuse_port and hasattr(stdlib_socket, "SO_REUSEPORT"):
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+        await sock.bind(self.server_address)
+        self.server_address = sock.getsockname()
+
+    async def server_activate(self) -> None:
+        """Listen, with a backlog of :attr:`request_queue_size`."""
+        self.socket.listen(self.request_queue_size)
+        await trio.lowlevel.checkpoint()
+
+    async def server_close(self) -> None:
+        """Close the listening socket. Idempotent.
+
+        Closing it while :meth:`serve_forever` runs ends accepting, and the
+        requests in flight get the shutdown grace period.
+        """
+        self._closed = True
+        if self._socket is not None:
+            self._socket.close()
+        await trio.lowlevel.checkpoint()
+
+    async def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection; return ``(SocketStream, client_address)``."""
+        sock, client_address = await self.socket.accept()
+        return trio.SocketStream(sock), client_address
+
+    async def close_request(self, request: Any) -> None:
+        """Close the request's stream at once, without waiting on the peer."""
+        await trio.aclose_forcefully(request)
+
+
+class UDPServer(TCPServer):
+    """A datagram server: ``socketserver.UDPServer`` on Trio.
+
+    Each request is the pair ``(data, socket)``, one datagram and the
+    server's socket to reply on; use :class:`DatagramRequestHandler`. A
+    datagram longer than :attr:`max_packet_size` is dropped, logged and
+    counted in ``stats.malformed`` instead of being handled cut short.
+    """
+
+    socket_type = stdlib_socket.SOCK_DGRAM
+    #: Off, as in socketserver: for UDP it would let two servers share a port.
+    allow_reuse_address = False
+    #: The longest datagram handled, in bytes.
+    max_packet_size: int = 8192
+
+    async def server_activate(self) -> None:
+        """Nothing to do: datagram sockets do not listen."""
+        await trio.lowlevel.checkpoint()
+
+    async def get_request(self) -> tuple[Any, Any]:
+        """Receive a datagram; return ``((data, socket), client_address)``."""
+        sock = self.socket
+        while True:
+            data, _, flags, client_address = await sock.recvmsg(self.max_packet_size)
+            if not flags & stdlib_socket.MSG_TRUNC:
+                return (data, sock), client_address
+            self.stats.malformed += 1
+            LOGGER.warning(
+                "dropped a datagram from %r longer than max_packet_size (%d bytes)",
+                client_address,
+                self.max_packet_size,
+            )
+
+    async def shutdown_request(self, request: Any) -> None:
+        """Nothing to do: a datagram has no connection of its own."""
+        await trio.lowlevel.checkpoint()
+
+    async def close_request(self, request: Any) -> None:
+        """Nothing to do: a datagram has no connection of its own."""
+        await trio.lowlevel.checkpoint()
+
+
+def _remove_if_stale(path: str | bytes, socket_type: stdlib_socket.SocketKind) -> None:
+    """Unlink the socket file at ``path`` if no process listens on it any more.
+
+    A server that died without closing leaves its socket file behind, and
+    binding over it fails. We may remove it only if nobody answers: a
+    refused connection proves that. A live server accepts (and is left
+    alone, so bind reports ``EADDRINUSE``); anything that is not a socket
+    is left alone too.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        return
+    with stdlib_socket.socket(stdlib_socket.AF_UNIX, socket_type) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            LOGGER.info("removing stale socket file %r", path)
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _UnixSocketFile(TCPServer):
+    """Manages the socket file of a Unix server: stale check, removal on close."""
+
+    address_family = stdlib_socket.AF_UNIX
+    allow_reuse_address = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # (path, st_dev, st_ino) of the file we made, so close removes that
+        # file and not one another server made at the same path since.
+        self._socket_file: tuple[str | bytes, int, int] | None = None
+        super().__init__(*args, **kwargs)
+
+    async def server_bind(self) -> None:
+        path = os.fspath(self.server_address)
+        # Linux's abstract namespace (a leading NUL) has no file to manage.
+        in_filesystem = path[:1] not in ("\0", b"\0", "", b"")
+        if in_filesystem:
+            _remove_if_stale(path, self.socket_type)
+        await super().server_bind()
+        if in_filesystem:
+            info = os.stat(path)
+            self._socket_file = (path, info.st_dev, info.st_ino)
+
+    async def server_close(self) -> None:
+        """Close the socket and remove the socket file it made. Idempotent."""
+        await super().server_close()
+        if self._socket_file is not None:
+            path, device, inode = self._socket_file
+            self._socket_file = None
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                return
+            if (info.st_dev, info.st_ino) == (device, inode):
+                os.unlink(path)
+
+
+class UnixStreamServer(_UnixSocketFile):
+    """A stream server on a Unix socket: ``socketserver.UnixStreamServer`` on Trio.
+
+    ``server_address`` is the socket's path. A socket file left by a server
+    that died is removed before binding; one a live server listens on makes
+    binding fail with ``EADDRINUSE``. :meth:`server_close` removes the file
+    the server made.
+    """
+
+
+class UnixDatagramServer(_UnixSocketFile, UDPServer):
+    """A datagram server on a Unix socket: ``socketserver.UnixDatagramServer`` on Trio.
+
+    The socket file is managed as for :class:`UnixStreamServer`. Replies go
+    to the client's own bound path; a client that did not bind gets none.
+    """

@@ -1,0 +1,40 @@
+"""Counters a user can read while the server runs."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.define
+class ServerStats:
+    """What a server has done so far; read it at any time as ``server.stats``.
+
+    Every accepted request ends in exactly one of ``rejected``, ``completed``,
+    ``failed``, ``timed_out`` or ``cancelled``, or is still ``active``::
+
+        accepted == rejected + completed + failed + timed_out + cancelled + active
+
+    The counters accumulate over the server's life, across restarts of
+    ``serve_forever``.
+    """
+
+    #: Requests taken from the listening socket (connections or datagrams).
+    accepted: int = 0
+    #: Requests being handled right now.
+    active: int = 0
+    #: Requests whose handler returned normally.
+    completed: int = 0
+    #: Requests whose handler (or ``verify_request``) raised an exception
+    #: other than :exc:`TimeoutError`; ``handle_error`` saw each of them.
+    failed: int = 0
+    #: Requests refused by ``verify_request``.
+    rejected: int = 0
+    #: Requests whose handler raised :exc:`TimeoutError` (a read or write
+    #: that made no progress for the handler's ``timeout``).
+    timed_out: int = 0
+    #: Requests cancelled before they finished: still running when the
+    #: shutdown grace period ran out, or when the server was cancelled.
+    cancelled: int = 0
+    #: Input dropped before any request was made of it, such as a datagram
+    #: longer than ``max_packet_size``. Not counted in ``accepted``.
+    malformed: int = 0

@@ -1,0 +1,305 @@
+"""Async buffered files over a Trio stream or a datagram: ``rfile`` and ``wfile``.
+
+The reader keeps one ``bytearray``. Bytes are appended at the end as they
+arrive and consumed from the front; CPython deletes from the front of a
+``bytearray`` without moving the rest, so consuming is cheap however many
+lines one chunk holds. A line search resumes where the previous one stopped,
+so a line that trickles in one byte at a time is scanned once, not once per
+byte. Together these keep reading linear in the bytes received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from ._shutdown import ShutdownSignal
+
+#: How many bytes one receive asks the stream for, unless told otherwise.
+DEFAULT_RECEIVE_SIZE = 65536
+
+#: The longest line, in bytes and counting its ``\n``, a reader accepts unless
+#: told otherwise. Without a bound, a peer that never sends ``\n`` makes the
+#: buffer grow until the process runs out of memory.
+DEFAULT_MAX_LINE_LENGTH = 65536
+
+# A write under a timeout is sent in pieces of at most this many bytes, each
+# with its own deadline: the timeout bounds how long the peer may leave us
+# without progress, not how long a large write may take in all.
+TIMED_SEND_CHUNK = 65536
+
+
+class LineTooLong(ValueError):
+    """A line exceeded the reader's ``max_line_length``.
+
+    Raised by :meth:`AsyncBufferedReader.readline` (and ``async for``) as soon
+    as the buffered bytes prove the line too long, before the rest of it is
+    read. The connection's position within its byte stream is then unknown,
+    so the reader must not be used again: let the exception end the request.
+    """
+
+
+@contextmanager
+def _guard(
+    owner: AsyncBufferedReader | AsyncBufferedWriter, action: str
+) -> Iterator[None]:
+    # Two tasks interleaving reads (or writes) on one file would corrupt its
+    # buffer between awaits; refuse loudly instead, as Trio's streams do.
+    if owner._busy:
+        raise trio.BusyResourceError(f"another task is already {action} this file")
+    owner._busy = True
+    try:
+        yield
+    finally:
+        owner._busy = False
+
+
+class AsyncBufferedReader:
+    """A buffered reader over a :class:`trio.abc.ReceiveStream`: a handler's ``rfile``.
+
+    Args:
+      stream: The stream to read, or ``None`` for a reader over ``initial``
+        alone (a datagram's bytes).
+      initial: Bytes already received, returned before anything else.
+      receive_size: The most bytes one receive asks the stream for.
+      max_line_length: The longest line :meth:`readline` returns, in bytes,
+        counting its ``\\n``.
+      timeout: Seconds one receive may go without data before
+        :exc:`TimeoutError` is raised; ``None`` waits forever.
+      shutdown_signal: When given, a read that waits for the first byte of a
+        new message (nothing buffered) returns end-of-stream as soon as the
+        signal starts: that is how idle connections leave at once on a
+        graceful shutdown. A read with bytes of a message in hand keeps
+        waiting for the rest.
+
+    Errors:
+      :exc:`LineTooLong` from :meth:`readline`; :exc:`TimeoutError` when
+      ``timeout`` passes without data; whatever the stream raises
+      (:exc:`trio.BrokenResourceError` when the peer resets the connection);
+      :exc:`trio.BusyResourceError` when two tasks read at once.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream | None,
+        *,
+        initial: bytes = b"",
+        receive_size: int = DEFAULT_RECEIVE_SIZE,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        timeout: float | None = None,
+        shutdown_signal: ShutdownSignal | None = None,
+    ) -> None:
+        if receive_size < 1:
+            raise ValueError("receive_size must be at least 1")
+        if max_line_length < 1:
+            raise ValueError("max_line_length must be at least 1")
+        self._stream = stream
+        self._buffer = bytearray(initial)
+        self._eof = stream is None
+        # Bytes at the front of the buffer already searched for b"\n".
+        self._scanned = 0
+        self._busy = False
+        self.receive_size = receive_size
+        self.max_line_length = max_line_length
+        self.timeout = timeout
+        self._shutdown_signal = shutdown_signal
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH
+    ) -> AsyncBufferedReader:
+        """A reader over ``data`` alone: it ends where ``data`` ends."""
+        return cls(None, initial=data, max_line_length=max_line_length)
+
+    async def _receive(self) -> bool:
+        """Append one chunk from the stream to the buffer; False at end of stream."""
+        if self._eof or self._stream is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        signal = self._shutdown_signal
+        if signal is not None and not self._buffer:
+            scope = signal.open_idle_scope()
+            try:
+                with scope:
+                    data = await self._receive_some(self._stream)
+            finally:
+                signal.close_idle_scope(scope)
+            if scope.cancelled_caught:
+                self._eof = True
+                return False
+        else:
+            data = await self._receive_some(self._stream)
+        if not data:
+            self._eof = True
+            return False
+        self._buffer += data
+        return True
+
+    async def _receive_some(self, stream: trio.abc.ReceiveStream) -> bytes | bytearray:
+        if self.timeout is None:
+            return await stream.receive_some(self.receive_size)
+        with trio.move_on_after(self.timeout):
+            return await stream.receive_some(self.receive_size)
+        raise TimeoutError(f"no data received for {self.timeout} seconds")
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._scanned = 0
+        return data
+
+    async def readline(self) -> bytes:
+        """Return the next line with its ``\\n``; ``b""`` at end of stream.
+
+        The last line of a stream may lack its ``\\n``.
+
+        Raises:
+          LineTooLong: the line is longer than ``max_line_length``.
+        """
+        with _guard(self, "reading from"):
+            while True:
+                end = self._buffer.find(b"\n", self._scanned) + 1
+                if end:
+                    if end > self.max_line_length:
+                        raise LineTooLong(self._too_long_message())
+                    return self._take(end)
+                self._scanned = len(self._buffer)
+                if self._scanned >= self.max_line_length:
+                    raise LineTooLong(self._too_long_message())
+                if not await self._receive():
+                    return self._take(len(self._buffer))
+
+    def _too_long_message(self) -> str:
+        return (
+            f"line longer than max_line_length ({self.max_line_length} bytes) "
+            "without a newline"
+        )
+
+    async def read(self, n: int = -1) -> bytes:
+        """Return ``n`` bytes, fewer only at end of stream; ``n < 0`` reads to the end.
+
+        Reading to the end keeps everything in memory: prefer :meth:`read1`
+        or :meth:`readline` for input whose size the peer chooses.
+        """
+        with _guard(self, "reading from"):
+            if n < 0:
+                while await self._receive():
+                    pass
+                return self._take(len(self._buffer))
+            while len(self._buffer) < n and await self._receive():
+                pass
+            return self._take(n)
+
+    async def read1(self, n: int = -1) -> bytes:
+        """Return up to ``n`` bytes (``n < 0``: any number) with at most one receive.
+
+        Returns what is buffered if anything is, else the next chunk the
+        stream delivers; ``b""`` only at end of stream. This is the call for
+        relaying bytes as they come, whatever their framing.
+        """
+        with _guard(self, "reading from"):
+            if not self._buffer:
+                await self._receive()
+            return self._take(len(self._buffer) if n < 0 else n)
+
+    def __aiter__(self) -> AsyncBufferedReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class AsyncBufferedWriter:
+    """A writer over a :class:`trio.abc.SendStream`: a stream handler's ``wfile``.
+
+    Args:
+      stream: The stream to write to.
+      buffer_size: ``0`` (the default) sends every :meth:`write` at once;
+        otherwise writes gather in a buffer that is sent when it reaches
+        this many bytes, on :meth:`flush`, and when the handler finishes.
+      timeout: Seconds a send may go without progress before
+        :exc:`TimeoutError` is raised; ``None`` waits forever. After a
+        timeout the stream is broken and must be closed.
+
+    Errors:
+      :exc:`TimeoutError` as above; whatever the stream raises
+      (:exc:`trio.BrokenResourceError` when the peer has gone);
+      :exc:`trio.BusyResourceError` when two tasks write at once.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.SendStream,
+        *,
+        buffer_size: int = 0,
+        timeout: float | None = None,
+    ) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._busy = False
+        self.buffer_size = buffer_size
+        self.timeout = timeout
+
+    async def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Send ``data`` (or buffer it, see ``buffer_size``); return its length."""
+        with _guard(self, "writing to"):
+            if self.buffer_size <= 0:
+                await self._send(data)
+            else:
+                self._buffer += data
+                if len(self._buffer) >= self.buffer_size:
+                    await self._send_buffer()
+            return len(data)
+
+    async def flush(self) -> None:
+        """Send whatever :meth:`write` has buffered."""
+        with _guard(self, "writing to"):
+            await self._send_buffer()
+
+    async def _send_buffer(self) -> None:
+        if self._buffer:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            await self._send(data)
+
+    async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        if self.timeout is None:
+            await self._stream.send_all(data)
+            return
+        with memoryview(data) as view:
+            for start in range(0, max(len(view), 1), TIMED_SEND_CHUNK):
+                with trio.move_on_after(self.timeout) as scope:
+                    await self._stream.send_all(view[start : start + TIMED_SEND_CHUNK])
+                if scope.cancelled_caught:
+                    raise TimeoutError(f"peer took no data for {self.timeout} seconds")
+
+
+class AsyncPacketWriter:
+    """A datagram handler's ``wfile``: gathers what is written into one reply.
+
+    It has the writing interface of :class:`AsyncBufferedWriter`, so one
+    ``handle()`` body serves streams and datagrams alike; the handler's
+    ``finish()`` sends :meth:`getvalue` as one datagram if it is not empty.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data`` to the reply; return its length."""
+        await trio.lowlevel.checkpoint()
+        self._buffer += data
+        return len(data)
+
+    async def flush(self) -> None:
+        """Do nothing: the reply is sent as one datagram when the handler finishes."""
+        await trio.lowlevel.checkpoint()
+
+    def getvalue(self) -> bytes:
+        """Everything written so far."""
+        return bytes(self._buffer)
