@@ -1,0 +1,33 @@
+"""The echo service (RFC 862): one handler body for streams and datagrams."""
+
+from __future__ import annotations
+
+from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from ._streams import AsyncBufferedReader, AsyncBufferedWriter, AsyncPacketWriter
+
+
+class EchoHandler(BaseRequestHandler):
+    """Sends back every byte it receives, as it arrives, whatever the framing.
+
+    A mixin: combined with a stream or a datagram handler it serves either,
+    because both give ``rfile`` and ``wfile`` the same async interface.
+    """
+
+    rfile: AsyncBufferedReader
+    wfile: AsyncBufferedWriter | AsyncPacketWriter
+
+    async def handle(self) -> None:
+        while chunk := await self.rfile.read1():
+            await self.wfile.write(chunk)
+
+
+class EchoStreamHandler(EchoHandler, StreamRequestHandler):
+    """Echo over TCP or a Unix stream socket."""
+
+    wfile: AsyncBufferedWriter
+
+
+class EchoDatagramHandler(EchoHandler, DatagramRequestHandler):
+    """Echo over UDP or a Unix datagram socket."""
+
+    wfile: AsyncPacketWriter
