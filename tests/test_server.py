@@ -1,0 +1,704 @@
+"""Serving: binding, concurrency, the concurrency bound, hooks, errors, counters."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+import trioserve
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Echo(trioserve.StreamRequestHandler):
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line)
+
+
+@asynccontextmanager
+async def serving(server: trioserve.BaseServer) -> AsyncIterator[trioserve.BaseServer]:
+    """Run ``server.serve_forever`` for the block; shut down and close after."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        try:
+            yield server
+        finally:
+            with trio.fail_after(10):
+                await server.shutdown()
+                await server.server_close()
+
+
+async def connect(server: trioserve.BaseServer) -> trio.SocketStream:
+    host, port = server.server_address[:2]
+    return await trio.open_tcp_stream(host, port)
+
+
+async def roundtrip(stream: trio.SocketStream, line: bytes) -> bytes:
+    """Send ``line`` (if any); return what comes back up to a newline or EOF."""
+    if line:
+        await stream.send_all(line)
+    received = b""
+    with trio.fail_after(5):
+        while not received.endswith(b"\n"):
+            chunk = await stream.receive_some()
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+# -- binding -----------------------------------------------------------------
+
+
+async def test_construction_does_no_io_and_bind_failure_leaves_nothing_open() -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        before = open_fds()
+        server = trioserve.TCPServer(("127.0.0.1", port), Echo)
+        assert open_fds() == before
+        with pytest.raises(RuntimeError, match="no socket yet"):
+            server.socket  # noqa: B018
+        with pytest.raises(OSError) as caught:
+            async with server:
+                pytest.fail("the body must not run when binding fails")
+        assert caught.value.errno == errno.EADDRINUSE
+        assert open_fds() == before
+        assert server._socket is None
+
+
+async def test_async_with_binds_and_reports_real_address() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with server:
+        host, port = server.server_address
+        assert (host, port != 0) == ("127.0.0.1", True)
+        assert server.fileno() == server.socket.fileno() >= 0
+        # Listening already: the kernel completes the handshake into the
+        # backlog before anything accepts.
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    assert server.socket.fileno() == -1
+
+
+async def test_serve_forever_binds_and_reports_address_to_start() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with trio.open_nursery() as nursery:
+        started_with = await nursery.start(server.serve_forever)
+        assert started_with == server.server_address
+        assert started_with[1] != 0
+        assert server.is_serving()
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"hi\n") == b"hi\n"
+        await server.shutdown()
+    assert not server.is_serving()
+    await server.server_close()
+
+
+async def test_handle_request_binds_first() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_request)
+        await trio.testing.wait_all_tasks_blocked()
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"once\n") == b"once\n"
+    await server.server_close()
+
+
+async def test_closed_server_cannot_serve_again() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with server:
+        pass
+    await server.server_close()  # idempotent
+    with pytest.raises(trio.ClosedResourceError):
+        await server.serve_forever()
+
+
+def test_class_attributes() -> None:
+    assert trioserve.TCPServer.request_queue_size >= 4096
+    assert trioserve.TCPServer.timeout is None
+    assert trioserve.TCPServer.allow_reuse_port is False
+    assert trioserve.TCPServer.socket_type == socket.SOCK_STREAM
+    assert trioserve.UDPServer.max_packet_size == 8192
+    assert trioserve.UDPServer.socket_type == socket.SOCK_DGRAM
+    assert trioserve.UnixStreamServer.address_family == socket.AF_UNIX
+    assert trioserve.UnixDatagramServer.address_family == socket.AF_UNIX
+    assert trioserve.BaseServer.max_concurrent_requests is None
+    for cls in (
+        trioserve.TCPServer,
+        trioserve.UDPServer,
+        trioserve.UnixStreamServer,
+        trioserve.UnixDatagramServer,
+    ):
+        assert issubclass(cls, trioserve.BaseServer)
+
+
+def test_constructor_options_override_class_attributes() -> None:
+    server = trioserve.TCPServer(
+        ("127.0.0.1", 0), Echo, max_concurrent_requests=3, shutdown_timeout=1.5
+    )
+    assert (server.max_concurrent_requests, server.shutdown_timeout) == (3, 1.5)
+    with pytest.raises(ValueError, match="max_concurrent_requests"):
+        trioserve.TCPServer(("127.0.0.1", 0), Echo, max_concurrent_requests=0)
+
+
+def test_address_family_from_address() -> None:
+    assert trioserve.TCPServer(("127.0.0.1", 0), Echo).address_family == socket.AF_INET
+    assert trioserve.TCPServer(("::1", 0), Echo).address_family == socket.AF_INET6
+    assert trioserve.TCPServer(("localhost", 0), Echo).address_family == socket.AF_INET
+
+    class V6Server(trioserve.TCPServer):
+        address_family = socket.AF_INET6
+
+    assert V6Server(("", 0), Echo).address_family == socket.AF_INET6
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_ipv6_echo() -> None:
+    async with serving(trioserve.TCPServer(("::1", 0), Echo)) as server:
+        assert server.server_address[0] == "::1"
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"six\n") == b"six\n"
+
+
+async def test_allow_reuse_port_lets_two_servers_share_a_port() -> None:
+    class Shared(trioserve.TCPServer):
+        allow_reuse_port = True
+
+    async with Shared(("127.0.0.1", 0), Echo) as first:
+        async with Shared(first.server_address, Echo) as second:
+            assert second.server_address == first.server_address
+            reuse = socket.SO_REUSEPORT
+            assert second.socket.getsockopt(socket.SOL_SOCKET, reuse) != 0
+
+
+async def test_bind_and_activate_false_lets_the_caller_prepare_the_socket() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo, bind_and_activate=False)
+    try:
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        await server.server_bind()
+        await server.server_activate()
+        async with serving(server):
+            keepalive = server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            assert keepalive != 0
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"x\n") == b"x\n"
+    finally:
+        await server.server_close()
+
+
+async def test_tcp_nodelay_is_on_for_requests() -> None:
+    seen: list[int] = []
+
+    class Probe(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            assert isinstance(self.connection, trio.SocketStream)
+            option = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            seen.append(self.connection.socket.getsockopt(*option))
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Probe)) as server:
+        async with await connect(server) as client:
+            assert await client.receive_some() == b""
+    assert seen and seen[0] != 0
+
+
+# -- concurrency -------------------------------------------------------------
+
+
+async def test_requests_run_concurrently() -> None:
+    # The first handler can only return once the second has started, which
+    # deadlocks unless both run at once.
+    second_started = trio.Event()
+    order: list[str] = []
+
+    class Waiter(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            if await self.rfile.readline() == b"first\n":
+                await second_started.wait()
+                order.append("first")
+            else:
+                second_started.set()
+                order.append("second")
+            await self.wfile.write(b"done\n")
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Waiter)) as server:
+        async with await connect(server) as one, await connect(server) as two:
+            await one.send_all(b"first\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert await roundtrip(two, b"second\n") == b"done\n"
+            assert await roundtrip(one, b"") == b"done\n"
+    assert order == ["second", "first"]
+
+
+async def test_max_concurrent_requests_stops_accepting_at_the_bound() -> None:
+    release = trio.Event()
+
+    class Holder(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            line = await self.rfile.readline()
+            if line == b"hold\n":
+                await release.wait()
+            await self.wfile.write(line)
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), Holder, max_concurrent_requests=2)
+    async with serving(server):
+        async with (
+            await connect(server) as a,
+            await connect(server) as b,
+            await connect(server) as c,
+        ):
+            await a.send_all(b"hold\n")
+            await b.send_all(b"hold\n")
+            await c.send_all(b"next\n")
+            await trio.testing.wait_all_tasks_blocked()
+            # The third connection waits in the kernel's backlog, not in a task.
+            assert (server.stats.accepted, server.stats.active) == (2, 2)
+            release.set()
+            assert await roundtrip(c, b"") == b"next\n"
+            assert await roundtrip(a, b"") == b"hold\n"
+            assert await roundtrip(b, b"") == b"hold\n"
+        assert server.stats.accepted == 3
+
+
+async def test_concurrent_serve_forever_is_refused() -> None:
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Echo)) as server:
+        with pytest.raises(RuntimeError, match="already serving"):
+            await server.serve_forever()
+        with pytest.raises(RuntimeError, match="already serving"):
+            await server.handle_request()
+
+
+async def test_serve_forever_can_run_again_after_shutdown() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with server:
+        for word in (b"one\n", b"two\n"):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve_forever)
+                async with await connect(server) as client:
+                    assert await roundtrip(client, word) == word
+                await server.shutdown()
+    assert server.stats.completed == 2
+
+
+# -- hooks -------------------------------------------------------------------
+
+
+async def test_verify_request_false_closes_without_handling() -> None:
+    handled: list[object] = []
+
+    class Picky(trioserve.TCPServer):
+        async def verify_request(self, request: object, client_address: object) -> bool:
+            return False
+
+    class Record(trioserve.StreamRequestHandler):
+        async def setup(self) -> None:
+            handled.append(self.client_address)
+
+    async with serving(Picky(("127.0.0.1", 0), Record)) as server:
+        async with await connect(server) as client:
+            with trio.fail_after(5):
+                assert await client.receive_some() == b""
+        assert (server.stats.accepted, server.stats.rejected) == (1, 1)
+    assert handled == []
+
+
+async def test_verify_request_sees_client_address() -> None:
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Echo)) as server:
+        seen: list[object] = []
+
+        async def verify(request: object, client_address: object) -> bool:
+            seen.append(client_address)
+            return True
+
+        server.verify_request = verify  # type: ignore[method-assign]
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"a\n") == b"a\n"
+            assert seen == [client.socket.getsockname()]
+
+
+async def test_service_actions_run_every_poll_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[float] = []
+
+    class Ticking(trioserve.TCPServer):
+        async def service_actions(self) -> None:
+            calls.append(trio.current_time())
+
+    server = Ticking(("127.0.0.1", 0), Echo)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever, 0.25)
+        start = trio.current_time()
+        await trio.sleep(5)
+        await server.shutdown()
+    await server.server_close()
+    gaps = [b - a for a, b in zip([start, *calls], calls, strict=False)]
+    assert len(calls) >= 19
+    assert max(gaps) <= 0.25 + 1e-6
+
+
+async def test_handle_request_handles_one_request_to_completion() -> None:
+    finished = trio.Event()
+
+    class Slow(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            await self.wfile.write(await self.rfile.readline())
+            # Still running after the client has its reply: handle_request
+            # must not return before this is done.
+            await self.rfile.readline()
+
+        async def finish(self) -> None:
+            finished.set()
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), Slow)
+    async with server:
+        async with trio.open_nursery() as nursery, await connect(server) as client:
+            nursery.start_soon(server.handle_request)
+            assert await roundtrip(client, b"hello\n") == b"hello\n"
+            await trio.testing.wait_all_tasks_blocked()
+            assert not finished.is_set()
+            await client.send_all(b"bye\n")
+        assert finished.is_set()
+        assert server.stats.completed == 1
+
+
+async def test_handle_request_timeout_calls_handle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    timeouts: list[float] = []
+
+    class Impatient(trioserve.TCPServer):
+        timeout = 3.0
+
+        async def handle_timeout(self) -> None:
+            timeouts.append(trio.current_time())
+
+    async with Impatient(("127.0.0.1", 0), Echo) as server:
+        start = trio.current_time()
+        await server.handle_request()
+    assert timeouts == [pytest.approx(start + 3.0)]
+    assert server.stats.accepted == 0
+
+
+# -- errors ------------------------------------------------------------------
+
+
+async def test_handler_exception_is_logged_with_client_address_and_serving_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Faulty(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            line = await self.rfile.readline()
+            if line == b"boom\n":
+                raise ZeroDivisionError("the handler failed")
+            await self.wfile.write(line)
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Faulty)) as server:
+        async with await connect(server) as client:
+            address = client.socket.getsockname()
+            assert await roundtrip(client, b"boom\n") == b""
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"fine\n") == b"fine\n"
+    records = [r for r in caplog.records if r.name == "trioserve"]
+    assert len(records) == 1
+    assert records[0].levelno == logging.ERROR
+    assert repr(address) in records[0].getMessage()
+    assert records[0].exc_info is not None
+    assert records[0].exc_info[0] is ZeroDivisionError
+    assert (server.stats.failed, server.stats.completed) == (1, 1)
+
+
+async def test_handle_error_is_awaited_inside_the_except_block() -> None:
+    import sys
+
+    seen: list[BaseException | None] = []
+
+    class Recording(trioserve.TCPServer):
+        async def handle_error(self, request: object, client_address: object) -> None:
+            await trio.lowlevel.checkpoint()
+            seen.append(sys.exc_info()[1])
+
+    class Faulty(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            raise KeyError("missing")
+
+    async with serving(Recording(("127.0.0.1", 0), Faulty)) as server:
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"") == b""
+    assert len(seen) == 1
+    assert isinstance(seen[0], KeyError)
+
+
+async def test_exception_group_from_handler_nursery_does_not_stop_the_server() -> None:
+    class Grouped(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            async def fail(exc: Exception) -> None:
+                raise exc
+
+            if await self.rfile.readline() == b"group\n":
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(fail, ValueError("one"))
+                    nursery.start_soon(fail, OSError("two"))
+            await self.wfile.write(b"ok\n")
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Grouped)) as server:
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"group\n") == b""
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"plain\n") == b"ok\n"
+        assert server.is_serving()
+    assert (server.stats.failed, server.stats.completed) == (1, 1)
+
+
+async def test_keyboard_interrupt_from_a_handler_propagates() -> None:
+    class Interrupting(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            raise KeyboardInterrupt
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), Interrupting)
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            async with await connect(server) as client:
+                with trio.fail_after(5):
+                    await client.receive_some()
+    await server.server_close()
+    assert caught.value.subgroup(KeyboardInterrupt) is not None
+
+
+async def test_finish_runs_when_handle_raises_but_not_when_setup_raises() -> None:
+    calls: list[str] = []
+
+    class Lifecycle(trioserve.StreamRequestHandler):
+        async def setup(self) -> None:
+            await super().setup()
+            line = await self.rfile.readline()
+            calls.append(f"setup {line!r}")
+            if line == b"bad setup\n":
+                raise RuntimeError("setup failed")
+
+        async def handle(self) -> None:
+            calls.append("handle")
+            raise RuntimeError("handle failed")
+
+        async def finish(self) -> None:
+            calls.append("finish")
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Lifecycle)) as server:
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"bad setup\n") == b""
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"good\n") == b""
+    assert calls == [
+        "setup b'bad setup\\n'",
+        "setup b'good\\n'",
+        "handle",
+        "finish",
+    ]
+    assert server.stats.failed == 2
+
+
+async def test_finish_is_bounded_by_finish_timeout(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Stuck(trioserve.StreamRequestHandler):
+        finish_timeout = 1.5
+
+        async def finish(self) -> None:
+            await trio.sleep_forever()
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Stuck)) as server:
+        async with await connect(server) as client:
+            start = trio.current_time()
+            await client.send_eof()
+            assert await roundtrip(client, b"") == b""
+            assert trio.current_time() - start == pytest.approx(1.5)
+    assert "finish_timeout" in caplog.text
+    assert server.stats.completed == 1
+
+
+async def test_line_too_long_closes_only_that_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class ShortLines(Echo):
+        max_line_length = 1024
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), ShortLines)) as server:
+        async with await connect(server) as good, await connect(server) as bad:
+            assert await roundtrip(good, b"before\n") == b"before\n"
+            await bad.send_all(b"x" * 5000)
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        if not await bad.receive_some():
+                            break
+                    except trio.BrokenResourceError:
+                        break  # closed with our bytes unread: a reset
+            assert await roundtrip(good, b"after\n") == b"after\n"
+    assert server.stats.failed == 1
+    assert "LineTooLong" in caplog.text
+
+
+async def test_handler_timeout_raises_timeout_error_and_is_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Patient(Echo):
+        timeout = 30.0
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Patient)) as server:
+        async with await connect(server) as client:
+            start = trio.current_time()
+            assert await roundtrip(client, b"hello\n") == b"hello\n"
+            with trio.fail_after(60):
+                assert await client.receive_some() == b""
+            assert trio.current_time() - start == pytest.approx(30.0)
+    assert (server.stats.timed_out, server.stats.failed) == (1, 0)
+
+
+async def test_counters_add_up() -> None:
+    class Mixed(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            line = await self.rfile.readline()
+            if line == b"fail\n":
+                raise ValueError(line)
+            if line == b"timeout\n":
+                raise TimeoutError
+            await self.wfile.write(line)
+
+    class Picky(trioserve.TCPServer):
+        async def verify_request(self, request: object, client_address: object) -> bool:
+            return self.stats.accepted != 1
+
+    async with serving(Picky(("127.0.0.1", 0), Mixed)) as server:
+        for line in (b"rejected\n", b"ok\n", b"fail\n", b"timeout\n", b"ok\n"):
+            async with await connect(server) as client:
+                await roundtrip(client, line)
+                assert server.stats.active in (0, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = server.stats
+        assert (stats.accepted, stats.rejected, stats.completed) == (5, 1, 2)
+        assert (stats.failed, stats.timed_out, stats.active) == (1, 1, 0)
+        assert stats.accepted == (
+            stats.rejected
+            + stats.completed
+            + stats.failed
+            + stats.timed_out
+            + stats.cancelled
+            + stats.active
+        )
+
+
+# -- datagrams ---------------------------------------------------------------
+
+
+class EchoLines:
+    """One handle() body for streams and datagrams, as CONTRACT.md promises."""
+
+    rfile: trioserve.AsyncBufferedReader
+    wfile: trioserve.AsyncBufferedWriter | trioserve.AsyncPacketWriter
+
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line.upper())
+
+
+class StreamUpper(EchoLines, trioserve.StreamRequestHandler):
+    pass
+
+
+class DatagramUpper(EchoLines, trioserve.DatagramRequestHandler):
+    pass
+
+
+@asynccontextmanager
+async def udp_client() -> AsyncIterator[trio.socket.SocketType]:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        yield sock
+
+
+async def test_one_mixin_handler_serves_tcp_and_udp() -> None:
+    tcp = trioserve.TCPServer(("127.0.0.1", 0), StreamUpper)
+    udp = trioserve.UDPServer(("127.0.0.1", 0), DatagramUpper)
+    async with serving(tcp), serving(udp), udp_client() as client:
+        async with await connect(tcp) as stream:
+            assert await roundtrip(stream, b"tcp\n") == b"TCP\n"
+        await client.sendto(b"udp\nline two\n", udp.server_address)
+        with trio.fail_after(5):
+            reply, address = await client.recvfrom(100)
+        assert (reply, address) == (b"UDP\nLINE TWO\n", udp.server_address)
+
+
+async def test_datagram_handler_sends_nothing_when_nothing_is_written() -> None:
+    handled = trio.Event()
+
+    class Silent(trioserve.DatagramRequestHandler):
+        async def handle(self) -> None:
+            if await self.rfile.read() == b"quiet":
+                handled.set()
+            else:
+                await self.wfile.write(b"spoke")
+
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Silent)
+    async with serving(udp), udp_client() as client:
+        await client.sendto(b"quiet", udp.server_address)
+        await client.sendto(b"loud", udp.server_address)
+        with trio.fail_after(5):
+            await handled.wait()
+            assert await client.recv(100) == b"spoke"
+        # Only one reply came: the socket has nothing more to read.
+        with pytest.raises(BlockingIOError):
+            client._sock.recv(100)  # type: ignore[attr-defined]
+
+
+async def test_datagram_handler_attributes() -> None:
+    seen: list[tuple[bytes, object]] = []
+
+    class Look(trioserve.DatagramRequestHandler):
+        async def handle(self) -> None:
+            seen.append((self.packet, self.socket))
+            await self.wfile.write(b"seen")
+
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Look)
+    async with serving(udp), udp_client() as client:
+        await client.sendto(b"payload", udp.server_address)
+        with trio.fail_after(5):
+            reply, _ = await client.recvfrom(100)
+    assert reply == b"seen"
+    assert seen == [(b"payload", udp.socket)]
+
+
+async def test_oversized_datagram_is_dropped_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Small(trioserve.UDPServer):
+        max_packet_size = 64
+
+    udp = Small(("127.0.0.1", 0), DatagramUpper)
+    async with serving(udp), udp_client() as client:
+        await client.sendto(b"x" * 65, udp.server_address)
+        await client.sendto(b"fits\n", udp.server_address)
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"FITS\n"
+    assert (udp.stats.malformed, udp.stats.accepted, udp.stats.completed) == (1, 1, 1)
+    assert "max_packet_size" in caplog.text
