@@ -6,6 +6,7 @@ import errno
 import logging
 import math
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -19,6 +20,9 @@ import trio
 from ._handlers import BaseRequestHandler, run_handler
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 LOGGER = logging.getLogger("trioserve")
 
@@ -90,6 +94,11 @@ class _Serving:
     def release_slot(self) -> None:
         if self.slots is not None:
             self.slots.release()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 class BaseServer:
@@ -260,6 +269,14 @@ class BaseServer:
                 self._shutdown_signal = ShutdownSignal()
                 self._serving = _Serving(nursery, finished, slots)
                 yield self._serving
+        except BaseExceptionGroup as group:
+            # Cancelled from outside, every task ends in Cancelled, and the
+            # nurseries wrap those in groups. Let it propagate as the one
+            # Cancelled it is; a group that holds anything else stays whole.
+            _, others = group.split(trio.Cancelled)
+            if others is None:
+                raise _first_leaf(group) from None
+            raise
         finally:
             self._accepting = False
             self._serving = None

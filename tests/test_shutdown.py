@@ -1,0 +1,285 @@
+"""Graceful shutdown and cancellation, over real loopback connections."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+from test_server import Echo, connect, roundtrip, serving
+
+import trioserve
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Tracked(trioserve.StreamRequestHandler):
+    """Echoes lines; ``block`` makes it wait for ever; records its lifecycle."""
+
+    events: list[str]
+
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            if line == b"block\n":
+                self.events.append("blocking")
+                await trio.sleep_forever()
+            await self.wfile.write(line)
+
+    async def finish(self) -> None:
+        # A checkpoint: finish() must be shielded to get past it when the
+        # request is being cancelled.
+        await trio.sleep(0.01)
+        self.events.append("finish")
+        await super().finish()
+
+
+def tracked() -> type[Tracked]:
+    return type("TrackedHandler", (Tracked,), {"events": []})
+
+
+async def read_to_eof(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(60):
+        while chunk := await stream.receive_some():
+            data += chunk
+    return data
+
+
+async def test_shutdown_when_not_serving_returns_at_once_and_twice_is_harmless(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    start = trio.current_time()
+    await server.shutdown()
+    await server.shutdown()
+    assert trio.current_time() == start
+    async with serving(server):
+        pass  # serving() shuts down; shut down again after it returned:
+    await server.shutdown()
+    assert trio.current_time() == start
+
+
+async def test_shutdown_stops_accepting_at_once() -> None:
+    handler = tracked()
+    server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        async with await connect(server) as busy:
+            await busy.send_all(b"block\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.is_serving()
+            nursery.start_soon(server.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not server.is_serving()
+            async with await connect(server) as late:
+                await late.send_all(b"hello?\n")
+                await trio.testing.wait_all_tasks_blocked()
+                assert server.stats.accepted == 1
+            await server.shutdown(timeout=0)
+    await server.server_close()
+
+
+async def test_idle_connections_leave_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = tracked()
+    server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        clients = [await connect(server) for _ in range(3)]
+        for client in clients:
+            assert await roundtrip(client, b"hello\n") == b"hello\n"
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await server.shutdown()
+        # Only finish()'s own 0.01 s passed, not the 100 s grace period.
+        assert trio.current_time() - start == pytest.approx(0.01)
+        for client in clients:
+            assert await read_to_eof(client) == b""
+            await client.aclose()
+    await server.server_close()
+    assert handler.events == ["finish"] * 3
+    assert server.stats.completed == 3
+
+
+async def test_request_mid_message_completes_within_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = tracked()
+    server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        async with await connect(server) as client:
+            await client.send_all(b"half a ")
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            nursery.start_soon(server.shutdown)
+            await trio.sleep(3)  # virtual time: the client is slow, not idle
+            assert server.stats.active == 1
+            await client.send_all(b"line\n")
+            # The message finishes; the handler then waits between messages,
+            # so it sees end-of-stream and the request completes.
+            assert await read_to_eof(client) == b"half a line\n"
+    assert trio.current_time() - start == pytest.approx(3.01)
+    await server.server_close()
+    assert (server.stats.completed, server.stats.cancelled) == (1, 0)
+
+
+async def test_request_running_past_the_grace_is_cancelled_and_finish_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = tracked()
+    server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=7)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        async with await connect(server) as stuck, await connect(server) as idle:
+            await stuck.send_all(b"block\n")
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            await server.shutdown()
+            assert trio.current_time() - start == pytest.approx(7, abs=0.1)
+            assert await read_to_eof(stuck) == b""
+            assert await read_to_eof(idle) == b""
+    await server.server_close()
+    assert handler.events == ["blocking", "finish", "finish"]
+    assert (server.stats.cancelled, server.stats.completed) == (1, 1)
+    assert server.stats.active == 0
+
+
+async def test_shutdown_timeout_argument_overrides_the_attribute(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = tracked()
+    server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=50)
+    async with serving(server), await connect(server) as client:
+        await client.send_all(b"block\n")
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await server.shutdown(timeout=2)
+        assert trio.current_time() - start == pytest.approx(2, abs=0.1)
+
+
+async def test_shutdown_from_inside_a_handler_does_not_deadlock() -> None:
+    class Stopper(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            await self.rfile.readline()
+            await self.server.shutdown()
+            # Still running: shutdown() returned without waiting for us.
+            await self.wfile.write(b"stopping\n")
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), Stopper)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"stop\n") == b"stopping\n"
+        # serve_forever returned, so the nursery could close.
+    assert not server.is_serving()
+    assert server.stats.completed == 1
+    await server.server_close()
+
+
+async def test_concurrent_shutdowns_all_return() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    returned: list[int] = []
+
+    async def stop(n: int) -> None:
+        await server.shutdown()
+        assert not server.is_serving()
+        returned.append(n)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            for n in range(3):
+                nursery.start_soon(stop, n)
+    assert sorted(returned) == [0, 1, 2]
+    await server.server_close()
+
+
+async def test_closing_the_listening_socket_ends_serving() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"x\n") == b"x\n"
+                await server.server_close()
+                # serve_forever leaves and the idle client is let go.
+                assert await read_to_eof(client) == b""
+    assert not server.is_serving()
+
+
+async def test_outside_cancellation_cancels_handlers_runs_finish_closes_sockets() -> (
+    None
+):
+    handler = tracked()
+    server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=60)
+    raised: list[BaseException] = []
+
+    async def serve(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await server.serve_forever(task_status=task_status)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    before = open_fds()
+    async with server:
+        with trio.CancelScope() as outside:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve)
+                clients = [await connect(server) for _ in range(3)]
+                await clients[0].send_all(b"block\n")
+                await clients[1].send_all(b"half a line")
+                assert await roundtrip(clients[2], b"idle\n") == b"idle\n"
+                await trio.testing.wait_all_tasks_blocked()
+                assert server.stats.active == 3
+                outside.cancel()
+        assert outside.cancelled_caught
+        assert len(raised) == 1
+        assert isinstance(raised[0], trio.Cancelled)
+        for client in clients:
+            assert await read_to_eof(client) == b""
+            await client.aclose()
+    assert handler.events == ["blocking", "finish", "finish", "finish"]
+    assert server.stats.cancelled == 3
+    assert server.stats.active == 0
+    assert open_fds() == before
+
+
+async def test_finish_not_called_for_a_request_cancelled_during_setup() -> None:
+    entered = trio.Event()
+    calls: list[str] = []
+
+    class SlowSetup(trioserve.StreamRequestHandler):
+        async def setup(self) -> None:
+            entered.set()
+            await trio.sleep_forever()
+
+        async def finish(self) -> None:
+            calls.append("finish")
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), SlowSetup)
+    async with server:
+        with trio.CancelScope() as outside:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve_forever)
+                async with await connect(server) as client:
+                    await entered.wait()
+                    outside.cancel()
+                    await client.aclose()
+    assert calls == []
+    assert server.stats.cancelled == 1
+
+
+async def test_many_start_stop_cycles_leak_nothing() -> None:
+    before = open_fds()
+    for _ in range(50):
+        server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+        async with serving(server), await connect(server) as client:
+            assert await roundtrip(client, b"ping\n") == b"ping\n"
+    assert open_fds() == before
