@@ -1,0 +1,165 @@
+"""How the accept loop meets errors, after Trio's serve_listeners tests.
+
+Like trio's test_highlevel_serve_listeners (test_serve_listeners_accept_capacity_error
+and test_serve_listeners_accept_unrecognized_error), these wrap the real
+listening socket in one whose accept() fails a few times before it recovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from test_server import Echo, connect, roundtrip
+
+import trioserve
+
+
+class FlakyListener:
+    """The server's real trio socket, but accept() first raises ``errors``."""
+
+    def __init__(self, real: trio.socket.SocketType, errors: list[OSError]) -> None:
+        self.real = real
+        self.errors = errors
+        self.failed_at: list[float] = []
+
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
+        await trio.lowlevel.checkpoint()
+        if self.errors:
+            self.failed_at.append(trio.current_time())
+            raise self.errors.pop(0)
+        return await self.real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def serve_with_flaky_accept(
+    errors: list[OSError],
+) -> tuple[trioserve.TCPServer, FlakyListener]:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    await server.__aenter__()
+    flaky = FlakyListener(server.socket, errors)
+    server._socket = flaky  # type: ignore[assignment]
+    return server, flaky
+
+
+@pytest.mark.parametrize(
+    "code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM]
+)
+async def test_out_of_resources_is_logged_and_retried_after_a_pause(
+    code: int,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, flaky = await serve_with_flaky_accept([OSError(code, "pressure")] * 3)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"served\n") == b"served\n"
+            assert server.is_serving()
+            await server.shutdown()
+    finally:
+        await server.server_close()
+    gaps = [b - a for a, b in zip(flaky.failed_at, flaky.failed_at[1:], strict=False)]
+    assert gaps == [pytest.approx(0.1)] * 2
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 3
+    assert errno.errorcode[code] in errors[0].getMessage()
+
+
+@pytest.mark.parametrize("code", [errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN])
+async def test_per_connection_errors_are_skipped_without_pausing(
+    code: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, flaky = await serve_with_flaky_accept([OSError(code, "gone")] * 3)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"served\n") == b"served\n"
+            await server.shutdown()
+    finally:
+        await server.server_close()
+    assert len(flaky.failed_at) == 3
+    assert flaky.failed_at[-1] == flaky.failed_at[0]
+
+
+async def test_closed_listening_socket_ends_the_loop_cleanly() -> None:
+    server, _ = await serve_with_flaky_accept([OSError(errno.EBADF, "closed")])
+    try:
+        with trio.fail_after(10):
+            await server.serve_forever()
+    finally:
+        await server.server_close()
+    assert not server.is_serving()
+
+
+async def test_unrecognised_accept_error_propagates() -> None:
+    server, _ = await serve_with_flaky_accept([OSError(errno.EINVAL, "nonsense")])
+    try:
+        with pytest.RaisesGroup(
+            pytest.RaisesExc(OSError, check=lambda e: e.errno == errno.EINVAL),
+            flatten_subgroups=True,
+        ):
+            await server.serve_forever()
+    finally:
+        await server.server_close()
+
+
+async def test_handle_request_retries_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server, flaky = await serve_with_flaky_accept(
+        [OSError(errno.EMFILE, "pressure"), OSError(errno.ECONNABORTED, "gone")]
+    )
+    try:
+        async with trio.open_nursery() as nursery, await connect(server) as client:
+            nursery.start_soon(server.handle_request)
+            assert await roundtrip(client, b"one\n") == b"one\n"
+    finally:
+        await server.server_close()
+    assert len(flaky.failed_at) == 2
+    assert server.stats.accepted == 1
+
+
+async def test_real_descriptor_exhaustion_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The real thing: use up every descriptor the process may have, so the
+    # server's accept() fails with EMFILE, then free them and check that the
+    # waiting client is served.
+    resource = pytest.importorskip("resource")
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with server, trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        with trio.socket.socket() as waiting:
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, limits[1]))
+            fillers = []
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        fillers.append(os.dup(0))
+                await waiting.connect(server.server_address)
+                # The accept loop hits EMFILE, logs it and sleeps before trying
+                # again: all tasks blocked means it has got that far.
+                await trio.testing.wait_all_tasks_blocked()
+                assert "EMFILE" in caplog.text
+                assert server.stats.accepted == 0
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            async with trio.SocketStream(waiting) as stream:
+                assert await roundtrip(stream, b"served\n") == b"served\n"
+        await server.shutdown()
+    assert server.stats.accepted == 1
