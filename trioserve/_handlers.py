@@ -161,5 +161,6 @@ class DatagramRequestHandler(BaseRequestHandler):
 
     async def finish(self) -> None:
         reply = self.wfile.getvalue()
-        if reply:
+        # A Unix datagram client that did not bind a path has no address.
+        if reply and self.client_address:
             await self.socket.sendto(reply, self.client_address)

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from enum import Enum
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 import trio
@@ -77,6 +77,8 @@ _ENCLOSING_SERVERS: ContextVar[tuple[BaseServer, ...]] = ContextVar(
 class _Default(Enum):
     TOKEN = "DEFAULT"
 
+
+_ServerT = TypeVar("_ServerT", bound="BaseServer")
 
 #: Marks a constructor option that was not given: the class attribute applies.
 DEFAULT: Final = _Default.TOKEN
@@ -159,7 +161,7 @@ class BaseServer:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server_address!r}>"
 
-    async def __aenter__(self) -> BaseServer:
+    async def __aenter__(self: _ServerT) -> _ServerT:
         await self._ensure_activated()
         return self
 
