@@ -41,6 +41,12 @@ class LineTooLong(ValueError):
     """
 
 
+def _nbytes(data: bytes | bytearray | memoryview) -> int:
+    # len() of a memoryview counts items, which are wider than bytes for
+    # formats such as "I"; a write reports bytes, as io's do.
+    return data.nbytes if isinstance(data, memoryview) else len(data)
+
+
 @contextmanager
 def _guard(
     owner: AsyncBufferedReader | AsyncBufferedWriter, action: str
@@ -166,7 +172,7 @@ class AsyncBufferedReader:
                         raise LineTooLong(self._too_long_message())
                     return self._take(end)
                 self._scanned = len(self._buffer)
-                if self._scanned >= self.max_line_length:
+                if self._scanned > self.max_line_length:
                     raise LineTooLong(self._too_long_message())
                 if not await self._receive():
                     return self._take(len(self._buffer))
@@ -254,7 +260,7 @@ class AsyncBufferedWriter:
                 self._buffer += data
                 if len(self._buffer) >= self.buffer_size:
                     await self._send_buffer()
-            return len(data)
+            return _nbytes(data)
 
     async def flush(self) -> None:
         """Send whatever :meth:`write` has buffered."""
@@ -294,7 +300,7 @@ class AsyncPacketWriter:
         """Append ``data`` to the reply; return its length."""
         await trio.lowlevel.checkpoint()
         self._buffer += data
-        return len(data)
+        return _nbytes(data)
 
     async def flush(self) -> None:
         """Do nothing: the reply is sent as one datagram when the handler finishes."""
