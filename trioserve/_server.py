@@ -251,6 +251,7 @@ class BaseServer:
         """
         async with self._serve(None) as serving:
             wait = math.inf if self.timeout is None else self.timeout
+            accepted = None  # stays None if shutdown() ends the wait
             with serving.accept_scope, trio.move_on_after(wait) as timer:
                 accepted = await self._next_request()
             if timer.cancelled_caught:

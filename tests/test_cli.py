@@ -1,0 +1,436 @@
+"""The command line, ``python -m trioserve echo``, run as a real subprocess.
+
+Every test starts the service on port 0, learns the real ports from the
+"serving" lines it prints on stdout, talks to it with plain blocking sockets
+(each with a timeout), and kills the subprocess in a ``finally`` if it is
+still running. The interpreter runs with ``-W error::ResourceWarning``, and
+every test that lets it exit checks that stderr has no ResourceWarning and no
+traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import queue
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import trioserve
+
+# How long to wait for the service to start, reply, or exit. Generous: these
+# bound hangs, they are not what a passing test waits for.
+STARTUP_TIMEOUT = 10.0
+IO_TIMEOUT = 5.0
+EXIT_TIMEOUT = 10.0
+# The default shutdown_timeout is 5 s: a service that exits within this after
+# SIGTERM did not wait out the grace period.
+PROMPT_EXIT = 3.0
+
+SERVING_LINE = re.compile(
+    r"^trioserve: serving (?P<kind>TCP|UDP) on "
+    r"(?:\[(?P<host6>[^\]]+)\]|(?P<host4>[^:\[\]]+)):(?P<port>\d+)$"
+)
+
+
+class _LineReader:
+    """Reads a pipe line by line in a thread, so reads can have a timeout."""
+
+    def __init__(self, stream: object) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: Iterator[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def next_line(self, timeout: float = STARTUP_TIMEOUT) -> str | None:
+        """The next line, without its newline; None at end of file."""
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"no line within {timeout} s; so far: {self.lines!r}"
+            ) from None
+        return None if line is None else line.rstrip("\n")
+
+    def wait_for(self, text: str, timeout: float = STARTUP_TIMEOUT) -> str:
+        """Read lines until one contains ``text``; return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next_line(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"{text!r} never came; got {self.lines!r}")
+            if text in line:
+                return line
+
+    def join(self, timeout: float = EXIT_TIMEOUT) -> str:
+        """Wait for end of file; return everything read."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the pipe never reached end of file"
+        return "".join(self.lines)
+
+
+class EchoCLI:
+    """A running ``python -m trioserve echo`` and its output."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        self.stdout = _LineReader(proc.stdout)
+        self.stderr = _LineReader(proc.stderr)
+
+    def listeners(self, count: int) -> list[tuple[str, str, int]]:
+        """Read ``count`` "serving" lines; return ``(kind, host, port)`` each."""
+        found = []
+        for _ in range(count):
+            line = self.stdout.next_line()
+            assert line is not None, (
+                f"exited before serving: rc={self.proc.wait(EXIT_TIMEOUT)}, "
+                f"stderr={self.stderr.join()!r}"
+            )
+            match = SERVING_LINE.match(line)
+            assert match, f"not a serving line: {line!r}"
+            host = match["host6"] or match["host4"]
+            port = int(match["port"])
+            assert port != 0, line
+            found.append((match["kind"], host, port))
+        return found
+
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def finish(self, timeout: float = EXIT_TIMEOUT) -> tuple[int, str, str]:
+        """Wait for exit; return ``(returncode, stdout, stderr)``."""
+        rc = self.wait(timeout)
+        return rc, self.stdout.join(), self.stderr.join()
+
+    def stop(self, signum: int, timeout: float = EXIT_TIMEOUT) -> tuple[int, str, str]:
+        self.proc.send_signal(signum)
+        return self.finish(timeout)
+
+
+@contextlib.contextmanager
+def run_echo(*args: str, command: str = "echo") -> Iterator[EchoCLI]:
+    argv = [sys.executable, "-W", "error::ResourceWarning", "-m", "trioserve"]
+    if command:
+        argv.append(command)
+    proc = subprocess.Popen(
+        [*argv, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cli = None
+    try:
+        cli = EchoCLI(proc)
+        yield cli
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=EXIT_TIMEOUT)
+        if cli is not None:
+            # The readers see end of file now that the process is gone;
+            # let them finish before closing the pipes under them.
+            cli.stdout.join()
+            cli.stderr.join()
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def assert_clean(stderr: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    assert "ResourceWarning" not in stderr, stderr
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def tcp_echo(host: str, port: int, payload: bytes) -> None:
+    with socket.create_connection((host, port), timeout=IO_TIMEOUT) as client:
+        client.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = client.recv(65536)
+            assert chunk, f"connection closed after {received!r}"
+            received += chunk
+        assert received == payload
+
+
+def udp_echo(host: str, port: int, payload: bytes) -> None:
+    with socket.socket(family_of(host), socket.SOCK_DGRAM) as client:
+        client.settimeout(IO_TIMEOUT)
+        client.sendto(payload, (host, port))
+        data, source = client.recvfrom(65536)
+        assert data == payload
+        assert source[1] == port
+
+
+def ipv6_loopback_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# -- serving and signals ---------------------------------------------------
+
+
+def test_tcp_and_udp_echo_then_sigterm_exits_0() -> None:
+    with run_echo("--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0") as cli:
+        listeners = cli.listeners(2)
+        assert sorted(kind for kind, _, _ in listeners) == ["TCP", "UDP"]
+        for kind, host, port in listeners:
+            assert host == "127.0.0.1"
+            if kind == "TCP":
+                tcp_echo(host, port, b"hello over tcp\n")
+                tcp_echo(host, port, b"no newline, several KiB " * 400)
+            else:
+                udp_echo(host, port, b"hello over udp\n")
+        rc, stdout, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    assert re.search(r"SIGTERM: shutting down", stderr), stderr
+    # Nothing but the two serving lines on stdout.
+    assert len(stdout.splitlines()) == 2, stdout
+
+
+def test_sigint_exits_0_without_keyboard_interrupt() -> None:
+    with run_echo("--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0") as cli:
+        for kind, host, port in cli.listeners(2):
+            if kind == "TCP":
+                tcp_echo(host, port, b"ping\n")
+            else:
+                udp_echo(host, port, b"ping\n")
+        rc, _, stderr = cli.stop(signal.SIGINT)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    assert "KeyboardInterrupt" not in stderr
+    assert "SIGINT: shutting down" in stderr, stderr
+
+
+def test_only_tcp_serves_only_tcp() -> None:
+    with run_echo("--tcp", "127.0.0.1:0") as cli:
+        [(kind, host, port)] = cli.listeners(1)
+        assert kind == "TCP"
+        tcp_echo(host, port, b"just tcp\n")
+        rc, stdout, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    serving = [line for line in stdout.splitlines() if "serving" in line]
+    assert len(serving) == 1, stdout
+
+
+def test_only_udp_serves_only_udp() -> None:
+    with run_echo("--udp", "127.0.0.1:0") as cli:
+        [(kind, host, port)] = cli.listeners(1)
+        assert kind == "UDP"
+        udp_echo(host, port, b"just udp")
+        rc, stdout, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    assert len([ln for ln in stdout.splitlines() if "serving" in ln]) == 1, stdout
+
+
+def test_two_tcp_options_give_two_listeners() -> None:
+    with run_echo("--tcp", "127.0.0.1:0", "--tcp", "127.0.0.1:0") as cli:
+        listeners = cli.listeners(2)
+        assert [kind for kind, _, _ in listeners] == ["TCP", "TCP"]
+        ports = {port for _, _, port in listeners}
+        assert len(ports) == 2, listeners
+        for _, host, port in listeners:
+            tcp_echo(host, port, f"to {port}\n".encode())
+        rc, stdout, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    assert len(stdout.splitlines()) == 2, stdout
+
+
+@pytest.mark.skipif(
+    not ipv6_loopback_available(), reason="IPv6 loopback is unavailable"
+)
+def test_ipv6_tcp_and_udp() -> None:
+    with run_echo("--tcp", "[::1]:0", "--udp", "[::1]:0") as cli:
+        listeners = cli.listeners(2)
+        for kind, host, port in listeners:
+            assert host == "::1"
+            if kind == "TCP":
+                tcp_echo(host, port, b"over ipv6\n")
+            else:
+                udp_echo(host, port, b"over ipv6")
+        rc, stdout, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    assert "[::1]:" in stdout
+
+
+def test_idle_client_sees_eof_on_sigterm_and_exit_is_prompt() -> None:
+    with run_echo("--tcp", "127.0.0.1:0") as cli:
+        [(_, host, port)] = cli.listeners(1)
+        with socket.create_connection((host, port), timeout=IO_TIMEOUT) as client:
+            # One round trip proves the handler runs; it is now idle, waiting
+            # for the next byte.
+            client.sendall(b"first\n")
+            assert client.recv(100) == b"first\n"
+            started = time.monotonic()
+            cli.proc.send_signal(signal.SIGTERM)
+            assert client.recv(100) == b""
+            rc = cli.wait(timeout=PROMPT_EXIT)
+            elapsed = time.monotonic() - started
+        _, _, stderr = cli.finish()
+    assert rc == 0, stderr
+    assert elapsed < PROMPT_EXIT
+    assert_clean(stderr)
+    # The handler was running when the signal came.
+    assert "SIGTERM: shutting down; 1 requests in flight" in stderr, stderr
+
+
+def test_second_signal_cancels_busy_requests_and_exits_1() -> None:
+    with run_echo("--tcp", "127.0.0.1:0") as cli:
+        [(_, host, port)] = cli.listeners(1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+            # A client that sends but never reads: the echo handler ends up
+            # stuck in a write, mid-request, so the first SIGTERM's grace
+            # period applies to it and only a second signal ends it.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(IO_TIMEOUT)
+            client.connect((host, port))
+            client.setblocking(False)
+            chunk = b"x" * 65536
+            sent = 0
+            while sent < 512 * 1024 * 1024:  # bound: far more than any buffer
+                try:
+                    sent += client.send(chunk)
+                except BlockingIOError:
+                    # Full: wait a little for room; none means the server
+                    # stopped reading because its write back is stuck.
+                    _, writable, _ = select.select([], [client], [], 0.5)
+                    if not writable:
+                        break
+            else:
+                pytest.fail("the server never stopped reading")
+            cli.proc.send_signal(signal.SIGTERM)
+            cli.stderr.wait_for("SIGTERM: shutting down; 1 requests in flight")
+            assert cli.proc.poll() is None, "a busy request did not get its grace"
+            cli.proc.send_signal(signal.SIGTERM)
+            rc = cli.wait(timeout=PROMPT_EXIT)
+        _, _, stderr = cli.finish()
+    assert rc == 1, stderr
+    assert "SIGTERM again: cancelling every request" in stderr, stderr
+    assert_clean(stderr)
+
+
+# -- bad arguments and addresses -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--tcp", "nonsense"),
+        ("--tcp", "127.0.0.1:99999"),
+        ("--tcp", "127.0.0.1:http"),
+        ("--tcp", ":8080"),
+        ("--udp", "nonsense"),
+    ],
+)
+def test_bad_address_exits_2_with_one_error_line(option: str, value: str) -> None:
+    with run_echo(f"{option}={value}") as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 2, stderr
+    assert stdout == ""
+    assert_clean(stderr)
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, stderr
+    assert option in errors[0]
+    assert repr(value) in errors[0]
+
+
+def test_address_in_use_exits_2_with_message() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with run_echo("--tcp", f"127.0.0.1:{port}") as cli:
+            rc, stdout, stderr = cli.finish()
+    assert rc == 2, stderr
+    assert stdout == ""
+    assert_clean(stderr)
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("trioserve: cannot serve:"), stderr
+    assert "address already in use" in stderr.lower(), stderr
+
+
+def test_address_in_use_on_a_later_listener_serves_nothing() -> None:
+    # The listeners all bind before any serves: the first, good one must not
+    # report itself serving when the second cannot bind.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        with run_echo("--tcp", "127.0.0.1:0", "--udp", f"127.0.0.1:{port}") as cli:
+            rc, stdout, stderr = cli.finish()
+    assert rc == 2, stderr
+    assert stdout == "", stdout
+    assert_clean(stderr)
+    assert "address already in use" in stderr.lower(), stderr
+
+
+def test_address_not_on_this_host_exits_2() -> None:
+    # 192.0.2.0/24 is TEST-NET-1, documentation only: no host has it.
+    with run_echo("--tcp", "192.0.2.1:0") as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 2, stderr
+    assert stdout == ""
+    assert_clean(stderr)
+    assert stderr.startswith("trioserve: cannot serve:"), stderr
+    assert f"[Errno {errno.EADDRNOTAVAIL}]" in stderr, stderr
+
+
+# -- informational options -------------------------------------------------
+
+
+def test_version() -> None:
+    with run_echo("--version", command="") as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 0, stderr
+    assert stdout.strip() == f"trioserve {trioserve.__version__}"
+
+
+def test_echo_help_exits_0() -> None:
+    with run_echo("--help") as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 0, stderr
+    assert "--tcp" in stdout
+    assert "--udp" in stdout
+    assert stderr == ""
+
+
+def test_no_command_exits_2() -> None:
+    with run_echo(command="") as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 2
+    assert stdout == ""
+    assert "usage:" in stderr
+    assert "Traceback" not in stderr
