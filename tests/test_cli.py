@@ -361,7 +361,7 @@ def test_bad_address_exits_2_with_one_error_line(option: str, value: str) -> Non
     assert rc == 2, stderr
     assert stdout == ""
     assert_clean(stderr)
-    errors = [line for line in stderr.splitlines() if "error" in line]
+    errors = [line for line in stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1, stderr
     assert option in errors[0]
     assert repr(value) in errors[0]
@@ -379,7 +379,7 @@ def test_address_in_use_exits_2_with_message() -> None:
     assert_clean(stderr)
     lines = stderr.splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("trioserve: cannot serve:"), stderr
+    assert lines[0].startswith("trioserve: error: cannot serve:"), stderr
     assert "address already in use" in stderr.lower(), stderr
 
 
@@ -404,7 +404,7 @@ def test_address_not_on_this_host_exits_2() -> None:
     assert rc == 2, stderr
     assert stdout == ""
     assert_clean(stderr)
-    assert stderr.startswith("trioserve: cannot serve:"), stderr
+    assert stderr.startswith("trioserve: error: cannot serve:"), stderr
     assert f"[Errno {errno.EADDRNOTAVAIL}]" in stderr, stderr
 
 

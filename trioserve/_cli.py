@@ -1,23 +1,39 @@
-"""The command line: ``python -m trioserve echo``."""
+"""The command line: ``trioserve echo`` and ``trioserve serve MODULE:HANDLER``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
-import signal
+import os
 import sys
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from typing import Any
 
 import trio
 
 from . import __version__
 from ._echo import EchoDatagramHandler, EchoStreamHandler
-from ._server import LOGGER
-from ._socket_servers import TCPServer, UDPServer
+from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from ._server import BaseServer
+from ._signals import serve_until_signalled
+from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
+
+# Each listener option: the server class it makes, and the start-up line's name
+# for it. Stream listeners take stream handlers, datagram ones datagram handlers.
+STREAM_LISTENERS = {"tcp": (TCPServer, "TCP"), "unix": (UnixStreamServer, "UNIX")}
+DATAGRAM_LISTENERS = {
+    "udp": (UDPServer, "UDP"),
+    "unix_dgram": (UnixDatagramServer, "UNIX-DGRAM"),
+}
+
+
+class UsageError(Exception):
+    """A mistake on the command line, reported as one line and exit status 2."""
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -36,15 +52,97 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, port
 
 
-def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def format_address(address: Any) -> str:
+    """An address as the start-up line shows it: ``HOST:PORT``, ``[V6]:PORT``, path."""
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return os.fsdecode(address)
+
+
+def _add_serving_options(parser: argparse.ArgumentParser) -> None:
+    listeners = parser.add_argument_group(
+        "listeners (each repeatable; several make several servers in one process)"
+    )
+    listeners.add_argument(
+        "--tcp",
+        action="append",
+        default=[],
+        type=parse_host_port,
+        metavar="HOST:PORT",
+        help="TCP; port 0 picks a free port",
+    )
+    listeners.add_argument(
+        "--udp",
+        action="append",
+        default=[],
+        type=parse_host_port,
+        metavar="HOST:PORT",
+        help="UDP",
+    )
+    listeners.add_argument(
+        "--unix", action="append", default=[], metavar="PATH", help="Unix stream socket"
+    )
+    listeners.add_argument(
+        "--unix-dgram",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="Unix datagram socket",
+    )
+    serving = parser.add_argument_group("serving")
+    serving.add_argument(
+        "--shutdown-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="grace period for requests in flight at shutdown "
+        f"(default {BaseServer.shutdown_timeout})",
+    )
+    serving.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        metavar="N",
+        help="handle at most N requests at once (default: no bound)",
+    )
+    serving.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="a read or write idle this long ends the request",
+    )
+    serving.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    serving.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trioserve",
-        description="Run socketserver-style services on Trio.",
+        description="Run socketserver-style services on Trio. Each listener's "
+        "real address is printed as 'trioserve: serving KIND on ADDRESS'. The "
+        "first SIGINT or SIGTERM shuts down gracefully, a second cancels what "
+        "is still running; SIGHUP is ignored.",
     )
     parser.add_argument(
         "--version", action="version", version=f"trioserve {__version__}"
@@ -52,99 +150,171 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     echo = commands.add_parser(
         "echo",
-        help="serve TCP and UDP echo",
-        description=(
-            "Echo every byte back (RFC 862). With no listener options, serves TCP "
-            f"and UDP on {DEFAULT_HOST}:{DEFAULT_PORT}; with some, serves only "
-            "those. Runs until SIGINT or SIGTERM, then shuts down gracefully; a "
-            "second signal cancels the requests still running."
-        ),
+        help="serve echo (RFC 862) over TCP and UDP",
+        description="Echo every byte back. With no listener options, serves TCP "
+        f"and UDP on {DEFAULT_HOST}:{DEFAULT_PORT}; with some, only those.",
     )
-    echo.add_argument(
-        "--tcp",
-        action="append",
-        default=[],
-        type=parse_host_port,
-        metavar="HOST:PORT",
-        help="serve TCP echo here (repeatable; port 0 picks a free port)",
+    _add_serving_options(echo)
+    serve = commands.add_parser(
+        "serve",
+        help="serve your own handler class",
+        description="Serve HANDLER, a request handler class given as "
+        "package.module:ClassName (importable from the current directory). A "
+        "StreamRequestHandler serves --tcp and --unix listeners, a "
+        "DatagramRequestHandler --udp and --unix-dgram ones; with no listener "
+        f"options, {DEFAULT_HOST}:{DEFAULT_PORT} over TCP or UDP accordingly.",
     )
-    echo.add_argument(
-        "--udp",
-        action="append",
-        default=[],
-        type=parse_host_port,
-        metavar="HOST:PORT",
-        help="serve UDP echo here (repeatable)",
-    )
+    serve.add_argument("handler", metavar="HANDLER", help="package.module:ClassName")
+    _add_serving_options(serve)
     return parser
 
 
-async def serve_until_signalled(servers: Sequence[TCPServer]) -> bool:
-    """Run ``servers`` until SIGINT or SIGTERM; return True if shutdown was graceful.
+def load_handler(spec: str) -> type[BaseRequestHandler]:
+    """Import ``package.module:ClassName`` and check it is a handler class."""
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise UsageError(f"handler {spec!r} is not package.module:ClassName")
+    # Like `python -m`, let handlers in the current directory be found even
+    # when we run as the installed `trioserve` script.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    handler = getattr(module, class_name, None)
+    if handler is None:
+        raise UsageError(f"module {module_name!r} has no {class_name!r}")
+    if not (isinstance(handler, type) and issubclass(handler, BaseRequestHandler)):
+        raise UsageError(f"{spec!r} is not a trioserve request handler class")
+    return handler
 
-    Each server binds first, so a bad address fails before anything serves,
-    then one line per listener reports its real address on stdout. The first
-    signal shuts every server down gracefully; a second cancels the
-    requests still running.
+
+def build_servers(
+    args: argparse.Namespace,
+    stream_handler: type[BaseRequestHandler] | None,
+    datagram_handler: type[BaseRequestHandler] | None,
+) -> list[tuple[BaseServer, str]]:
+    """The servers the listener options ask for, each with its kind's name."""
+    options: dict[str, Any] = {}
+    if args.shutdown_timeout is not None:
+        options["shutdown_timeout"] = args.shutdown_timeout
+    if args.max_requests is not None:
+        options["max_concurrent_requests"] = args.max_requests
+    servers: list[tuple[BaseServer, str]] = []
+    for listeners, handler in (
+        (STREAM_LISTENERS, stream_handler),
+        (DATAGRAM_LISTENERS, datagram_handler),
+    ):
+        for option, (server_class, kind) in listeners.items():
+            addresses = getattr(args, option)
+            if not addresses:
+                continue
+            if handler is None:
+                flag = "--" + option.replace("_", "-")
+                raise UsageError(f"{flag} does not fit the handler's kind")
+            servers += [
+                (server_class(address, handler, **options), kind)
+                for address in addresses
+            ]
+    return servers
+
+
+def _with_timeout(
+    handler: type[BaseRequestHandler], timeout: float | None
+) -> type[BaseRequestHandler]:
+    if timeout is None:
+        return handler
+    return type(handler.__name__, (handler,), {"timeout": timeout})
+
+
+def _servers_for(args: argparse.Namespace) -> list[tuple[BaseServer, str]]:
+    default = [(DEFAULT_HOST, DEFAULT_PORT)]
+    any_listener = args.tcp or args.udp or args.unix or args.unix_dgram
+    if args.command == "echo":
+        if not any_listener:
+            args.tcp = args.udp = default
+        stream: type[BaseRequestHandler] | None = EchoStreamHandler
+        datagram: type[BaseRequestHandler] | None = EchoDatagramHandler
+    else:
+        handler = load_handler(args.handler)
+        is_datagram = issubclass(handler, DatagramRequestHandler)
+        is_stream = issubclass(handler, StreamRequestHandler)
+        stream = None if is_datagram else handler
+        datagram = None if is_stream else handler
+        if not any_listener:
+            if is_datagram:
+                args.udp = default
+            else:
+                args.tcp = default
+    if stream is not None:
+        stream = _with_timeout(stream, args.timeout)
+    return build_servers(args, stream, datagram)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class _AnnounceListeners:
+    """A task status that prints each listener's real address once serving.
+
+    Passed as ``task_status`` so the announcement needs no nursery of its
+    own: a bind failure then reaches ``main`` as the plain ``OSError`` it is.
     """
-    shutting_down = forced = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with AsyncExitStack() as stack:
-            for server in servers:
-                await stack.enter_async_context(server)
-            async with trio.open_nursery() as nursery:
 
-                async def shut_down_all() -> None:
-                    async with trio.open_nursery() as shutdowns:
-                        for server in servers:
-                            shutdowns.start_soon(server.shutdown)
-                    # Every serve_forever has returned; stop watching signals.
-                    nursery.cancel_scope.cancel()
+    def __init__(self, kinds: list[str]) -> None:
+        self.kinds = kinds
 
-                for server in servers:
-                    await nursery.start(server.serve_forever)
-                    print(
-                        f"trioserve: serving {_kind(server)} "
-                        f"on {format_address(server.server_address)}",
-                        flush=True,
-                    )
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if shutting_down:
-                        LOGGER.warning("%s again: cancelling every request", name)
-                        forced = True
-                        nursery.cancel_scope.cancel()
-                    else:
-                        in_flight = sum(s.stats.active for s in servers)
-                        LOGGER.warning(
-                            "%s: shutting down; %d requests in flight get up to %s s",
-                            name,
-                            in_flight,
-                            max(s.shutdown_timeout for s in servers),
-                        )
-                        shutting_down = True
-                        nursery.start_soon(shut_down_all)
-    return not forced
+    def started(self, addresses: list[Any] | None = None) -> None:
+        for kind, address in zip(self.kinds, addresses or [], strict=True):
+            print(f"trioserve: serving {kind} on {format_address(address)}", flush=True)
 
 
-def _kind(server: TCPServer) -> str:
-    return "UDP" if isinstance(server, UDPServer) else "TCP"
+async def _run(servers: list[tuple[BaseServer, str]]) -> bool:
+    return await serve_until_signalled(
+        [server for server, _ in servers],
+        task_status=_AnnounceListeners([kind for _, kind in servers]),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
+    """Run the command line; return the exit status.
+
+    0 after a graceful shutdown, 1 if a second signal forced it, 2 for a
+    mistake in the arguments or an address that cannot be served.
+    """
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    tcp, udp = args.tcp, args.udp
-    if not tcp and not udp:
-        tcp = udp = [(DEFAULT_HOST, DEFAULT_PORT)]
-    servers: list[TCPServer] = [TCPServer(a, EchoStreamHandler) for a in tcp]
-    servers += [UDPServer(a, EchoDatagramHandler) for a in udp]
+    _configure_logging(args.log_level, args.log_format)
     try:
-        graceful = trio.run(serve_until_signalled, servers)
+        servers = _servers_for(args)
+        graceful = trio.run(_run, servers)
+    except UsageError as exc:
+        print(f"trioserve: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        print(f"trioserve: cannot serve: {exc}", file=sys.stderr)
+        print(f"trioserve: error: cannot serve: {exc}", file=sys.stderr)
         return 2
     return 0 if graceful else 1

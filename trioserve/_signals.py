@@ -1,0 +1,78 @@
+"""Running servers as a service: until a signal, then a graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+
+from ._server import BaseServer
+
+LOGGER = logging.getLogger("trioserve")
+
+# The signals that stop a service: the first shuts down gracefully, a second
+# cancels what is still running.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def serve_until_signalled(
+    servers: Sequence[BaseServer],
+    *,
+    task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
+) -> bool:
+    """Serve ``servers`` until SIGINT or SIGTERM, then shut them down gracefully.
+
+    This is the main loop of a service. Every server is bound first (so a bad
+    address fails before anything serves), then each runs
+    :meth:`~BaseServer.serve_forever`, and ``task_status.started()`` reports
+    their real addresses. The first SIGINT or SIGTERM starts a graceful
+    :meth:`~BaseServer.shutdown` of all of them at once and logs how many
+    requests are in flight; a second one cancels the requests still running.
+    SIGHUP is logged and otherwise ignored, so closing a terminal does not
+    kill the service. Every server is closed before this returns.
+
+    Must be called from the main thread (where Python handles signals).
+
+    Returns:
+      True if the shutdown was graceful; False if a second signal forced it.
+    """
+    shutting_down = forced = False
+    watched = (*STOP_SIGNALS, signal.SIGHUP)
+    with trio.open_signal_receiver(*watched) as signals:
+        async with AsyncExitStack() as stack:
+            for server in servers:
+                await stack.enter_async_context(server)
+            async with trio.open_nursery() as nursery:
+
+                async def shut_down_all() -> None:
+                    async with trio.open_nursery() as shutdowns:
+                        for server in servers:
+                            shutdowns.start_soon(server.shutdown)
+                    # Every serve_forever has returned; stop watching signals.
+                    nursery.cancel_scope.cancel()
+
+                for server in servers:
+                    await nursery.start(server.serve_forever)
+                task_status.started([server.server_address for server in servers])
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum not in STOP_SIGNALS:
+                        LOGGER.info("%s: ignored; send SIGTERM to stop", name)
+                    elif shutting_down:
+                        LOGGER.warning("%s again: cancelling every request", name)
+                        forced = True
+                        nursery.cancel_scope.cancel()
+                    else:
+                        shutting_down = True
+                        LOGGER.warning(
+                            "%s: shutting down; %d requests in flight get up to %s s",
+                            name,
+                            sum(server.stats.active for server in servers),
+                            max(server.shutdown_timeout for server in servers),
+                        )
+                        nursery.start_soon(shut_down_all)
+    return not forced
