@@ -2,6 +2,7 @@
 
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
+from ._signals import serve_until_signalled
 from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 from ._stats import ServerStats
 from ._streams import (
@@ -27,4 +28,5 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "serve_until_signalled",
 ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import socket as stdlib_socket
+import ssl
 import stat
 from typing import Any
 
@@ -36,7 +38,10 @@ class TCPServer(BaseServer):
     """A stream server: ``socketserver.TCPServer`` on Trio.
 
     Each request is a :class:`trio.SocketStream`, with ``TCP_NODELAY`` set
-    (socketserver leaves Nagle's algorithm on, which delays small replies).
+    (socketserver leaves Nagle's algorithm on, which delays small replies),
+    or with ``ssl_context`` a :class:`trio.SSLStream` over one. The TLS
+    handshake then happens in the request's own task, on the handler's first
+    read or write, so a slow client never holds up accepting.
 
     Construction does no I/O. With ``bind_and_activate=True`` the socket is
     made, bound and put to listen once, on ``async with server`` or at the
@@ -52,6 +57,7 @@ class TCPServer(BaseServer):
       RequestHandlerClass: The handler class, usually a
         :class:`StreamRequestHandler` subclass.
       bind_and_activate: Whether the server binds and listens by itself.
+      ssl_context: Serve TLS with this server-side context.
       max_concurrent_requests: As on :class:`BaseServer`.
       shutdown_timeout: As on :class:`BaseServer`.
     """
@@ -77,6 +83,7 @@ class TCPServer(BaseServer):
         RequestHandlerClass: type[BaseRequestHandler],
         bind_and_activate: bool = True,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         max_concurrent_requests: int | _Default | None = DEFAULT,
         shutdown_timeout: float | _Default = DEFAULT,
     ) -> None:
@@ -86,6 +93,8 @@ class TCPServer(BaseServer):
             max_concurrent_requests=max_concurrent_requests,
             shutdown_timeout=shutdown_timeout,
         )
+        #: The server-side TLS context, or ``None`` for plain TCP.
+        self.ssl_context = ssl_context
         if self.address_family is None:
             self.address_family = _family_of(server_address)
         self._socket: trio.socket.SocketType | None = None
@@ -157,13 +166,19 @@ class TCPServer(BaseServer):
         await trio.lowlevel.checkpoint()
 
     async def get_request(self) -> tuple[Any, Any]:
-        """Accept a connection; return ``(SocketStream, client_address)``."""
+        """Accept a connection; return ``(stream, client_address)``."""
         sock, client_address = await self.socket.accept()
-        return trio.SocketStream(sock), client_address
+        stream: trio.abc.Stream = trio.SocketStream(sock)
+        if self.ssl_context is not None:
+            stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        return stream, client_address
 
     async def close_request(self, request: Any) -> None:
-        """Close the request's stream at once, without waiting on the peer."""
-        await trio.aclose_forcefully(request)
+        """Close the request's stream (under TLS, after sending close_notify)."""
+        # A peer that has already gone cannot take a close_notify; the socket
+        # is closed all the same.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await request.aclose()
 
 
 class UDPServer(TCPServer):
