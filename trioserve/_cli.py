@@ -202,9 +202,9 @@ def build_servers(
     if args.max_requests is not None:
         options["max_concurrent_requests"] = args.max_requests
     servers: list[tuple[BaseServer, str]] = []
-    for listeners, handler in (
-        (STREAM_LISTENERS, stream_handler),
-        (DATAGRAM_LISTENERS, datagram_handler),
+    for listeners, handler, needed in (
+        (STREAM_LISTENERS, stream_handler, "StreamRequestHandler"),
+        (DATAGRAM_LISTENERS, datagram_handler, "DatagramRequestHandler"),
     ):
         for option, (server_class, kind) in listeners.items():
             addresses = getattr(args, option)
@@ -212,7 +212,7 @@ def build_servers(
                 continue
             if handler is None:
                 flag = "--" + option.replace("_", "-")
-                raise UsageError(f"{flag} does not fit the handler's kind")
+                raise UsageError(f"{flag} needs a {needed}; the handler is not one")
             servers += [
                 (server_class(address, handler, **options), kind)
                 for address in addresses

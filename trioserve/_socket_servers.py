@@ -133,9 +133,15 @@ class TCPServer(BaseServer):
         try:
             await self.server_bind()
             await self.server_activate()
-        except BaseException:
+        except BaseException as exc:
             self._socket.close()
             self._socket = None
+            if isinstance(exc, OSError) and exc.errno is not None:
+                # Say which address: a service often binds several. OSError()
+                # picks the subclass for the errno, so callers can still
+                # catch PermissionError and the like.
+                message = f"could not bind {self.server_address!r}: {exc.strerror}"
+                raise OSError(exc.errno, message) from exc
             raise
         self._activated = True
 
