@@ -125,7 +125,9 @@ class EchoCLI:
 
 
 @contextlib.contextmanager
-def run_echo(*args: str, command: str = "echo") -> Iterator[EchoCLI]:
+def run_echo(
+    *args: str, command: str = "echo", cwd: str | None = None
+) -> Iterator[EchoCLI]:
     argv = [sys.executable, "-W", "error::ResourceWarning", "-m", "trioserve"]
     if command:
         argv.append(command)
@@ -135,6 +137,7 @@ def run_echo(*args: str, command: str = "echo") -> Iterator[EchoCLI]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=cwd,
     )
     cli = None
     try:
