@@ -600,6 +600,7 @@ async def test_counters_add_up() -> None:
         assert (stats.failed, stats.timed_out, stats.active) == (1, 1, 0)
         assert stats.accepted == (
             stats.rejected
+            + stats.dropped
             + stats.completed
             + stats.failed
             + stats.timed_out

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import ssl
+from pathlib import Path
 
+import pytest
 import trio
+import trio.testing
 import trustme
 from test_server import Echo, serving
 
@@ -44,7 +49,9 @@ async def test_tls_echo_and_connection_type() -> None:
     assert server.stats.completed == 1
 
 
-async def test_a_client_that_does_not_speak_tls_fails_only_its_request() -> None:
+async def test_a_client_that_does_not_speak_tls_fails_only_its_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     server_context, client_context = contexts()
     server = trioserve.TCPServer(("127.0.0.1", 0), Echo, ssl_context=server_context)
     async with serving(server):
@@ -63,4 +70,67 @@ async def test_a_client_that_does_not_speak_tls_fails_only_its_request() -> None
             async with client:
                 await client.send_all(b"still here\n")
                 assert await client.receive_some() == b"still here\n"
-    assert (server.stats.failed, server.stats.completed) == (1, 1)
+    # A failed handshake is dropped and counted, not a handler error.
+    stats = server.stats
+    assert (stats.dropped, stats.failed, stats.completed) == (1, 0, 1)
+    assert "handshake" not in caplog.text.lower() or all(
+        r.levelno == logging.DEBUG for r in caplog.records if r.name == "trioserve"
+    )
+
+
+async def test_a_client_that_never_speaks_is_dropped_after_handshake_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server_context, _ = contexts()
+    server = trioserve.TCPServer(
+        ("127.0.0.1", 0), Echo, ssl_context=server_context, handshake_timeout=3
+    )
+    async with (
+        serving(server),
+        await trio.open_tcp_stream(*server.server_address) as mute,
+    ):
+        start = trio.current_time()
+        with trio.fail_after(60):
+            # The server gives up on the handshake and closes the connection.
+            while await mute.receive_some():
+                pass
+        assert trio.current_time() - start == pytest.approx(3)
+    assert (server.stats.dropped, server.stats.failed) == (1, 0)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_openssl_s_client_is_served(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    class OneLine(trioserve.StreamRequestHandler):
+        # Reply and close: s_client -quiet ignores its stdin's end, and
+        # leaves when the server closes.
+        async def handle(self) -> None:
+            await self.wfile.write(await self.rfile.readline())
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), OneLine, ssl_context=server_context)
+    async with serving(server):
+        host, port = server.server_address
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                [
+                    "openssl",
+                    "s_client",
+                    "-connect",
+                    f"{host}:{port}",
+                    "-CAfile",
+                    str(ca_file),
+                    "-verify_return_error",
+                    "-quiet",
+                ],
+                stdin=b"hello from openssl\n",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    assert b"hello from openssl\n" in result.stdout, result.stderr
+    assert server.stats.completed == 1

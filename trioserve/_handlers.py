@@ -120,6 +120,7 @@ class StreamRequestHandler(BaseRequestHandler):
             max_line_length=self.max_line_length,
             timeout=self.timeout,
             shutdown_signal=self.server._shutdown_signal,
+            idle_timeout=self.server.idle_timeout,
         )
         self.wfile = AsyncBufferedWriter(
             self.connection, buffer_size=self.wbufsize, timeout=self.timeout

@@ -84,6 +84,13 @@ _ServerT = TypeVar("_ServerT", bound="BaseServer")
 DEFAULT: Final = _Default.TOKEN
 
 
+def _peer_of(client_address: Any) -> Any:
+    """The host part of an IP address; None where peers are not told apart."""
+    if isinstance(client_address, tuple) and client_address:
+        return client_address[0]
+    return None
+
+
 @attrs.define(eq=False)
 class _Serving:
     """The state of one ``serve_forever`` or ``handle_request`` call."""
@@ -92,10 +99,29 @@ class _Serving:
     finished: trio.Event
     slots: trio.Semaphore | None
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    # Requests in flight per peer host, kept only under a per-peer limit.
+    peers: dict[Any, int] = attrs.Factory(dict)
 
-    def release_slot(self) -> None:
+    def admit_peer(self, client_address: Any, limit: int | None) -> bool:
+        """Count the request against its peer; False if the peer is at ``limit``."""
+        peer = _peer_of(client_address)
+        if limit is None or peer is None:
+            return True
+        count = self.peers.get(peer, 0)
+        if count >= limit:
+            return False
+        self.peers[peer] = count + 1
+        return True
+
+    def release(self, client_address: Any, limit: int | None) -> None:
+        """Give back what an admitted request held: its slot and its peer count."""
         if self.slots is not None:
             self.slots.release()
+        peer = _peer_of(client_address)
+        if limit is not None and peer is not None:
+            count = self.peers.pop(peer) - 1
+            if count:
+                self.peers[peer] = count
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -114,8 +140,9 @@ class BaseServer:
       server_address: Where to listen, in the form the socket family takes.
       RequestHandlerClass: A :class:`BaseRequestHandler` subclass; one
         instance serves each request.
-      max_concurrent_requests: Overrides the class attribute of that name.
-      shutdown_timeout: Overrides the class attribute of that name.
+      max_concurrent_requests, max_connections_per_peer, request_timeout,
+      idle_timeout, shutdown_timeout: Override the class attributes of those
+        names.
     """
 
     #: Seconds :meth:`handle_request` waits for a request before it awaits
@@ -128,6 +155,22 @@ class BaseServer:
     #: bound the server stops accepting until a request finishes, so excess
     #: clients wait in the listen backlog instead of in memory.
     max_concurrent_requests: int | None = None
+    #: The most requests handled at once for one peer host; a connection
+    #: beyond it is closed at accept and counted in ``stats.rejected``, so
+    #: one client cannot take every slot. ``None`` means no limit. Applies
+    #: to IP peers (a Unix socket's peers cannot be told apart).
+    max_connections_per_peer: int | None = None
+    #: Seconds a whole request may take, handler and all; past it the handler
+    #: is cancelled, ``finish()`` runs, and ``handle_error`` sees a
+    #: :exc:`TimeoutError`. ``None`` means no deadline.
+    request_timeout: float | None = None
+    #: Seconds a stream handler's ``rfile`` may wait between messages: a read
+    #: that starts with nothing buffered must deliver its message within this
+    #: time. If nothing at all arrived, the read returns end-of-stream (an
+    #: idle connection is let go quietly); if part of a message arrived, it
+    #: raises :exc:`TimeoutError` (a client trickling bytes, as in slowloris).
+    #: ``None`` means no limit.
+    idle_timeout: float | None = None
 
     def __init__(
         self,
@@ -135,21 +178,29 @@ class BaseServer:
         RequestHandlerClass: type[BaseRequestHandler],
         *,
         max_concurrent_requests: int | _Default | None = DEFAULT,
+        max_connections_per_peer: int | _Default | None = DEFAULT,
+        request_timeout: float | _Default | None = DEFAULT,
+        idle_timeout: float | _Default | None = DEFAULT,
         shutdown_timeout: float | _Default = DEFAULT,
     ) -> None:
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
-        if max_concurrent_requests is not DEFAULT:
-            self.max_concurrent_requests = max_concurrent_requests
-        if shutdown_timeout is not DEFAULT:
-            self.shutdown_timeout = shutdown_timeout
-        if (
-            self.max_concurrent_requests is not None
-            and self.max_concurrent_requests < 1
-        ):
-            raise ValueError("max_concurrent_requests must be at least 1, or None")
-        if self.shutdown_timeout < 0:
-            raise ValueError("shutdown_timeout must not be negative")
+        options = {
+            "max_concurrent_requests": max_concurrent_requests,
+            "max_connections_per_peer": max_connections_per_peer,
+            "request_timeout": request_timeout,
+            "idle_timeout": idle_timeout,
+            "shutdown_timeout": shutdown_timeout,
+        }
+        for name, value in options.items():
+            if value is not DEFAULT:
+                setattr(self, name, value)
+        for name in ("max_concurrent_requests", "max_connections_per_peer"):
+            if (limit := getattr(self, name)) is not None and limit < 1:
+                raise ValueError(f"{name} must be at least 1, or None")
+        for name in ("request_timeout", "idle_timeout", "shutdown_timeout"):
+            if (seconds := getattr(self, name)) is not None and seconds < 0:
+                raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
         self._serving: _Serving | None = None
@@ -299,10 +350,12 @@ class BaseServer:
             try:
                 accepted = await self._next_request()
             except BaseException:
-                serving.release_slot()
+                if serving.slots is not None:
+                    serving.slots.release()
                 raise
             if accepted is None:
-                serving.release_slot()
+                if serving.slots is not None:
+                    serving.slots.release()
                 return
             await self._handle_accepted(serving, *accepted)
 
@@ -335,6 +388,14 @@ class BaseServer:
         # Like socketserver's _handle_request_noblock: whatever happens, a
         # request that was not handed to a request task is shut down here.
         self.stats.accepted += 1
+        limit = self.max_connections_per_peer
+        if not serving.admit_peer(client_address, limit):
+            self.stats.rejected += 1
+            LOGGER.debug("refused %r: at max_connections_per_peer", client_address)
+            await self._close_request(request)
+            if serving.slots is not None:
+                serving.slots.release()
+            return
         handed_off = False
         try:
             if await self.verify_request(request, client_address):
@@ -348,15 +409,23 @@ class BaseServer:
         finally:
             if not handed_off:
                 await self._close_request(request)
-                serving.release_slot()
+                serving.release(client_address, limit)
 
     async def _request_task(
         self, serving: _Serving, request: Any, client_address: Any
     ) -> None:
         stats = self.stats
         stats.active += 1
+        # What the peer limit counted, before a PROXY header may change it.
+        connected_from = client_address
         try:
-            await self.finish_request(request, client_address)
+            prepared = await self._prepare_request(request, client_address)
+            if prepared is None:
+                stats.dropped += 1
+            else:
+                request, client_address = prepared
+                await self._finish_within_deadline(request, client_address)
+                stats.completed += 1
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 stats.timed_out += 1
@@ -366,12 +435,34 @@ class BaseServer:
         except BaseException:
             stats.cancelled += 1
             raise
-        else:
-            stats.completed += 1
         finally:
             stats.active -= 1
             await self._close_request(request)
-            serving.release_slot()
+            serving.release(connected_from, self.max_connections_per_peer)
+
+    async def _prepare_request(
+        self, request: Any, client_address: Any
+    ) -> tuple[Any, Any] | None:
+        """Make an accepted request ready for its handler, in the request's task.
+
+        Returns the ``(request, client_address)`` to handle, or None to drop
+        the request (counted in ``stats.dropped``) without troubling
+        ``handle_error``. Here it returns them unchanged; :class:`TCPServer`
+        reads a PROXY header and does the TLS handshake here.
+        """
+        await trio.lowlevel.checkpoint()
+        return request, client_address
+
+    async def _finish_within_deadline(self, request: Any, client_address: Any) -> None:
+        if self.request_timeout is None:
+            await self.finish_request(request, client_address)
+            return
+        with trio.move_on_after(self.request_timeout) as deadline:
+            await self.finish_request(request, client_address)
+        if deadline.cancelled_caught:
+            raise TimeoutError(
+                f"request not done within request_timeout ({self.request_timeout} s)"
+            )
 
     async def _close_request(self, request: Any) -> None:
         with trio.CancelScope(shield=True, relative_deadline=REQUEST_CLOSE_TIMEOUT):

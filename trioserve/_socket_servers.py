@@ -58,8 +58,9 @@ class TCPServer(BaseServer):
         :class:`StreamRequestHandler` subclass.
       bind_and_activate: Whether the server binds and listens by itself.
       ssl_context: Serve TLS with this server-side context.
-      max_concurrent_requests: As on :class:`BaseServer`.
-      shutdown_timeout: As on :class:`BaseServer`.
+      handshake_timeout: Overrides the class attribute of that name.
+      max_concurrent_requests, max_connections_per_peer, request_timeout,
+      idle_timeout, shutdown_timeout: As on :class:`BaseServer`.
     """
 
     #: The socket family; ``None`` (the default here) picks ``AF_INET6`` for
@@ -76,6 +77,11 @@ class TCPServer(BaseServer):
     allow_reuse_port: bool = False
     #: The listen backlog (socketserver: 5); the kernel caps it.
     request_queue_size: int = DEFAULT_REQUEST_QUEUE_SIZE
+    #: Seconds a TLS client has to complete its handshake. A handshake that
+    #: fails or runs out of time drops the connection: logged at DEBUG and
+    #: counted in ``stats.dropped``, not reported to ``handle_error``, since
+    #: port scanners and plain-text clients do it all day.
+    handshake_timeout: float = 10.0
 
     def __init__(
         self,
@@ -84,17 +90,26 @@ class TCPServer(BaseServer):
         bind_and_activate: bool = True,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float | _Default = DEFAULT,
         max_concurrent_requests: int | _Default | None = DEFAULT,
+        max_connections_per_peer: int | _Default | None = DEFAULT,
+        request_timeout: float | _Default | None = DEFAULT,
+        idle_timeout: float | _Default | None = DEFAULT,
         shutdown_timeout: float | _Default = DEFAULT,
     ) -> None:
         super().__init__(
             server_address,
             RequestHandlerClass,
             max_concurrent_requests=max_concurrent_requests,
+            max_connections_per_peer=max_connections_per_peer,
+            request_timeout=request_timeout,
+            idle_timeout=idle_timeout,
             shutdown_timeout=shutdown_timeout,
         )
         #: The server-side TLS context, or ``None`` for plain TCP.
         self.ssl_context = ssl_context
+        if handshake_timeout is not DEFAULT:
+            self.handshake_timeout = handshake_timeout
         if self.address_family is None:
             self.address_family = _family_of(server_address)
         self._socket: trio.socket.SocketType | None = None
@@ -172,11 +187,29 @@ class TCPServer(BaseServer):
         await trio.lowlevel.checkpoint()
 
     async def get_request(self) -> tuple[Any, Any]:
-        """Accept a connection; return ``(stream, client_address)``."""
+        """Accept a connection; return ``(SocketStream, client_address)``.
+
+        Under TLS the stream becomes a :class:`trio.SSLStream` later, in the
+        request's own task, after its handshake.
+        """
         sock, client_address = await self.socket.accept()
-        stream: trio.abc.Stream = trio.SocketStream(sock)
-        if self.ssl_context is not None:
-            stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        return trio.SocketStream(sock), client_address
+
+    async def _prepare_request(
+        self, request: Any, client_address: Any
+    ) -> tuple[Any, Any] | None:
+        if self.ssl_context is None:
+            return await super()._prepare_request(request, client_address)
+        stream = trio.SSLStream(request, self.ssl_context, server_side=True)
+        with trio.move_on_after(self.handshake_timeout) as deadline:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                LOGGER.debug("TLS handshake with %r failed: %r", client_address, exc)
+                return None
+        if deadline.cancelled_caught:
+            LOGGER.debug("TLS handshake with %r timed out", client_address)
+            return None
         return stream, client_address
 
     async def close_request(self, request: Any) -> None:

@@ -9,10 +9,12 @@ import attrs
 class ServerStats:
     """What a server has done so far; read it at any time as ``server.stats``.
 
-    Every accepted request ends in exactly one of ``rejected``, ``completed``,
-    ``failed``, ``timed_out`` or ``cancelled``, or is still ``active``::
+    Every accepted request ends in exactly one of ``rejected``, ``dropped``,
+    ``completed``, ``failed``, ``timed_out`` or ``cancelled``, or is still
+    ``active``::
 
-        accepted == rejected + completed + failed + timed_out + cancelled + active
+        accepted == (rejected + dropped + completed + failed + timed_out
+                     + cancelled + active)
 
     The counters accumulate over the server's life, across restarts of
     ``serve_forever``.
@@ -27,8 +29,11 @@ class ServerStats:
     #: Requests whose handler (or ``verify_request``) raised an exception
     #: other than :exc:`TimeoutError`; ``handle_error`` saw each of them.
     failed: int = 0
-    #: Requests refused by ``verify_request``.
+    #: Requests refused by ``verify_request`` or by ``max_connections_per_peer``.
     rejected: int = 0
+    #: Requests dropped before their handler ran, without troubling
+    #: ``handle_error``: a TLS handshake that failed or timed out.
+    dropped: int = 0
     #: Requests whose handler raised :exc:`TimeoutError` (a read or write
     #: that made no progress for the handler's ``timeout``).
     timed_out: int = 0

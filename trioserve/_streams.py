@@ -10,8 +10,9 @@ byte. Together these keep reading linear in the bytes received.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import trio
 
@@ -79,6 +80,10 @@ class AsyncBufferedReader:
         signal starts: that is how idle connections leave at once on a
         graceful shutdown. A read with bytes of a message in hand keeps
         waiting for the rest.
+      idle_timeout: Seconds a read that starts between messages (nothing
+        buffered) may take to deliver its message. If nothing arrived it
+        returns end-of-stream; if part of a message arrived it raises
+        :exc:`TimeoutError`. ``None`` waits forever.
 
     Errors:
       :exc:`LineTooLong` from :meth:`readline`; :exc:`TimeoutError` when
@@ -96,6 +101,7 @@ class AsyncBufferedReader:
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         timeout: float | None = None,
         shutdown_signal: ShutdownSignal | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         if receive_size < 1:
             raise ValueError("receive_size must be at least 1")
@@ -110,6 +116,7 @@ class AsyncBufferedReader:
         self.receive_size = receive_size
         self.max_line_length = max_line_length
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
         self._shutdown_signal = shutdown_signal
 
     @classmethod
@@ -156,6 +163,20 @@ class AsyncBufferedReader:
         self._scanned = 0
         return data
 
+    async def _message(self, read: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Run one read, guarded, and under ``idle_timeout`` if between messages."""
+        with _guard(self, "reading from"):
+            if self.idle_timeout is None or self._buffer:
+                return await read()
+            with trio.move_on_after(self.idle_timeout):
+                return await read()
+            if self._buffer:
+                raise TimeoutError(
+                    f"message not complete within idle_timeout ({self.idle_timeout} s)"
+                )
+            self._eof = True
+            return b""
+
     async def readline(self) -> bytes:
         """Return the next line with its ``\\n``; ``b""`` at end of stream.
 
@@ -164,18 +185,20 @@ class AsyncBufferedReader:
         Raises:
           LineTooLong: the line is longer than ``max_line_length``.
         """
-        with _guard(self, "reading from"):
-            while True:
-                end = self._buffer.find(b"\n", self._scanned) + 1
-                if end:
-                    if end > self.max_line_length:
-                        raise LineTooLong(self._too_long_message())
-                    return self._take(end)
-                self._scanned = len(self._buffer)
-                if self._scanned > self.max_line_length:
+        return await self._message(self._readline)
+
+    async def _readline(self) -> bytes:
+        while True:
+            end = self._buffer.find(b"\n", self._scanned) + 1
+            if end:
+                if end > self.max_line_length:
                     raise LineTooLong(self._too_long_message())
-                if not await self._receive():
-                    return self._take(len(self._buffer))
+                return self._take(end)
+            self._scanned = len(self._buffer)
+            if self._scanned > self.max_line_length:
+                raise LineTooLong(self._too_long_message())
+            if not await self._receive():
+                return self._take(len(self._buffer))
 
     def _too_long_message(self) -> str:
         return (
@@ -189,14 +212,16 @@ class AsyncBufferedReader:
         Reading to the end keeps everything in memory: prefer :meth:`read1`
         or :meth:`readline` for input whose size the peer chooses.
         """
-        with _guard(self, "reading from"):
-            if n < 0:
-                while await self._receive():
-                    pass
-                return self._take(len(self._buffer))
-            while len(self._buffer) < n and await self._receive():
+        return await self._message(partial(self._read, n))
+
+    async def _read(self, n: int) -> bytes:
+        if n < 0:
+            while await self._receive():
                 pass
-            return self._take(n)
+            return self._take(len(self._buffer))
+        while len(self._buffer) < n and await self._receive():
+            pass
+        return self._take(n)
 
     async def read1(self, n: int = -1) -> bytes:
         """Return up to ``n`` bytes (``n < 0``: any number) with at most one receive.
@@ -205,10 +230,12 @@ class AsyncBufferedReader:
         stream delivers; ``b""`` only at end of stream. This is the call for
         relaying bytes as they come, whatever their framing.
         """
-        with _guard(self, "reading from"):
-            if not self._buffer:
-                await self._receive()
-            return self._take(len(self._buffer) if n < 0 else n)
+        return await self._message(partial(self._read1, n))
+
+    async def _read1(self, n: int) -> bytes:
+        if not self._buffer:
+            await self._receive()
+        return self._take(len(self._buffer) if n < 0 else n)
 
     def __aiter__(self) -> AsyncBufferedReader:
         return self
