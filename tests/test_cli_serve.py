@@ -198,6 +198,9 @@ def test_shutdown_timeout_option_bounds_the_grace() -> None:
         [(_, host, port)] = cli.listeners(1)
         with socket.create_connection((host, port), timeout=IO_TIMEOUT) as stuck:
             stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            # One round trip first: the server has accepted and is handling.
+            stuck.sendall(b"ready\n")
+            assert stuck.recv(100) == b"ready\n"
             # Never read: the echo's writes fill both socket buffers and block,
             # so the request is busy, not idle, when the signal comes.
             stuck.setblocking(False)

@@ -1,5 +1,6 @@
 """trioserve: Python's socketserver model on Trio's structured concurrency."""
 
+from ._activation import systemd_sockets
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
 from ._signals import serve_until_signalled
@@ -29,4 +30,5 @@ __all__ = [
     "UnixDatagramServer",
     "UnixStreamServer",
     "serve_until_signalled",
+    "systemd_sockets",
 ]

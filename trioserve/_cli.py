@@ -7,6 +7,8 @@ import importlib
 import json
 import logging
 import os
+import socket
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from ._activation import systemd_sockets
 from ._echo import EchoDatagramHandler, EchoStreamHandler
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
@@ -23,12 +26,23 @@ from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStrea
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
 
-# Each listener option: the server class it makes, and the start-up line's name
-# for it. Stream listeners take stream handlers, datagram ones datagram handlers.
-STREAM_LISTENERS = {"tcp": (TCPServer, "TCP"), "unix": (UnixStreamServer, "UNIX")}
-DATAGRAM_LISTENERS = {
-    "udp": (UDPServer, "UDP"),
-    "unix_dgram": (UnixDatagramServer, "UNIX-DGRAM"),
+# The server class each listener option makes. Stream listeners take stream
+# handlers, datagram listeners datagram handlers.
+STREAM_LISTENERS: dict[str, type[TCPServer]] = {
+    "tcp": TCPServer,
+    "unix": UnixStreamServer,
+}
+DATAGRAM_LISTENERS: dict[str, type[TCPServer]] = {
+    "udp": UDPServer,
+    "unix_dgram": UnixDatagramServer,
+}
+
+# How the start-up line names each kind of server.
+KINDS: dict[type[BaseServer], str] = {
+    TCPServer: "TCP",
+    UDPServer: "UDP",
+    UnixStreamServer: "UNIX",
+    UnixDatagramServer: "UNIX-DGRAM",
 }
 
 
@@ -110,6 +124,24 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="Unix datagram socket",
     )
+    listeners.add_argument(
+        "--fd",
+        action="append",
+        default=[],
+        type=int,
+        metavar="N",
+        help="an inherited, bound socket (stream or datagram); with no "
+        "listener options, sockets passed by systemd are used",
+    )
+    tls = parser.add_argument_group("TLS (stream listeners)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain")
+    tls.add_argument("--tls-key", metavar="PEM", help="private key (if not in PEM)")
+    tls.add_argument(
+        "--handshake-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="seconds a client has to complete the TLS handshake",
+    )
     serving = parser.add_argument_group("serving")
     serving.add_argument(
         "--shutdown-timeout",
@@ -129,6 +161,24 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         metavar="SECONDS",
         help="a read or write idle this long ends the request",
+    )
+    serving.add_argument(
+        "--max-per-peer",
+        type=_positive_int,
+        metavar="N",
+        help="handle at most N requests at once from one client host",
+    )
+    serving.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="a request that takes longer is cancelled",
+    )
+    serving.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="a connection must deliver its next message within this time",
     )
     serving.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -190,33 +240,77 @@ def load_handler(spec: str) -> type[BaseRequestHandler]:
     return handler
 
 
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The server constructor's keyword options that the arguments set."""
+    names = {
+        "shutdown_timeout": "shutdown_timeout",
+        "max_requests": "max_concurrent_requests",
+        "max_per_peer": "max_connections_per_peer",
+        "request_timeout": "request_timeout",
+        "idle_timeout": "idle_timeout",
+    }
+    options = {
+        option: getattr(args, name)
+        for name, option in names.items()
+        if getattr(args, name) is not None
+    }
+    return options
+
+
+def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The stream servers' TLS options, from --tls-cert and --tls-key."""
+    if args.tls_cert is None:
+        if args.tls_key is not None:
+            raise UsageError("--tls-key needs --tls-cert")
+        return {}
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate: {exc}") from None
+    options: dict[str, Any] = {"ssl_context": context}
+    if args.handshake_timeout is not None:
+        options["handshake_timeout"] = args.handshake_timeout
+    return options
+
+
+def _server_class_for(sock: socket.socket) -> type[TCPServer]:
+    unix = sock.family == socket.AF_UNIX
+    if sock.type == socket.SOCK_STREAM:
+        return UnixStreamServer if unix else TCPServer
+    return UnixDatagramServer if unix else UDPServer
+
+
 def build_servers(
     args: argparse.Namespace,
     stream_handler: type[BaseRequestHandler] | None,
     datagram_handler: type[BaseRequestHandler] | None,
-) -> list[tuple[BaseServer, str]]:
-    """The servers the listener options ask for, each with its kind's name."""
-    options: dict[str, Any] = {}
-    if args.shutdown_timeout is not None:
-        options["shutdown_timeout"] = args.shutdown_timeout
-    if args.max_requests is not None:
-        options["max_concurrent_requests"] = args.max_requests
-    servers: list[tuple[BaseServer, str]] = []
-    for listeners, handler, needed in (
-        (STREAM_LISTENERS, stream_handler, "StreamRequestHandler"),
-        (DATAGRAM_LISTENERS, datagram_handler, "DatagramRequestHandler"),
-    ):
-        for option, (server_class, kind) in listeners.items():
-            addresses = getattr(args, option)
-            if not addresses:
-                continue
-            if handler is None:
-                flag = "--" + option.replace("_", "-")
-                raise UsageError(f"{flag} needs a {needed}; the handler is not one")
-            servers += [
-                (server_class(address, handler, **options), kind)
-                for address in addresses
-            ]
+    inherited: Sequence[tuple[str, socket.socket]] = (),
+) -> list[BaseServer]:
+    """The servers the listener options (and ``inherited`` sockets) ask for."""
+    options = _server_options(args)
+    stream_options = {**options, **_tls_options(args)}
+    wanted: list[tuple[type[TCPServer], Any, str]] = [
+        (server_class, address, "--" + option.replace("_", "-"))
+        for listeners in (STREAM_LISTENERS, DATAGRAM_LISTENERS)
+        for option, server_class in listeners.items()
+        for address in getattr(args, option)
+    ]
+    sockets = [(f"--fd {fd}", socket.socket(fileno=fd)) for fd in args.fd]
+    sockets += [(f"socket {name!r} from systemd", sock) for name, sock in inherited]
+    wanted += [(_server_class_for(sock), sock, source) for source, sock in sockets]
+    servers: list[BaseServer] = []
+    for server_class, address, source in wanted:
+        stream = server_class.socket_type == socket.SOCK_STREAM
+        handler = stream_handler if stream else datagram_handler
+        if handler is None:
+            needed = "StreamRequestHandler" if stream else "DatagramRequestHandler"
+            raise UsageError(f"{source} needs a {needed}; the handler is not one")
+        kwargs = stream_options if stream else options
+        if isinstance(address, socket.socket):
+            servers.append(server_class.from_socket(address, handler, **kwargs))
+        else:
+            servers.append(server_class(address, handler, **kwargs))
     return servers
 
 
@@ -228,11 +322,14 @@ def _with_timeout(
     return type(handler.__name__, (handler,), {"timeout": timeout})
 
 
-def _servers_for(args: argparse.Namespace) -> list[tuple[BaseServer, str]]:
+def _servers_for(args: argparse.Namespace) -> list[BaseServer]:
     default = [(DEFAULT_HOST, DEFAULT_PORT)]
-    any_listener = args.tcp or args.udp or args.unix or args.unix_dgram
+    any_listener = args.tcp or args.udp or args.unix or args.unix_dgram or args.fd
+    # Socket activation stands in for listener options; with them, the
+    # sockets systemd passed are not ours to use.
+    inherited = [] if any_listener else systemd_sockets()
     if args.command == "echo":
-        if not any_listener:
+        if not any_listener and not inherited:
             args.tcp = args.udp = default
         stream: type[BaseRequestHandler] | None = EchoStreamHandler
         datagram: type[BaseRequestHandler] | None = EchoDatagramHandler
@@ -242,14 +339,14 @@ def _servers_for(args: argparse.Namespace) -> list[tuple[BaseServer, str]]:
         is_stream = issubclass(handler, StreamRequestHandler)
         stream = None if is_datagram else handler
         datagram = None if is_stream else handler
-        if not any_listener:
+        if not any_listener and not inherited:
             if is_datagram:
                 args.udp = default
             else:
                 args.tcp = default
     if stream is not None:
         stream = _with_timeout(stream, args.timeout)
-    return build_servers(args, stream, datagram)
+    return build_servers(args, stream, datagram, inherited)
 
 
 class JsonFormatter(logging.Formatter):
@@ -285,19 +382,20 @@ class _AnnounceListeners:
     own: a bind failure then reaches ``main`` as the plain ``OSError`` it is.
     """
 
-    def __init__(self, kinds: list[str]) -> None:
-        self.kinds = kinds
+    def __init__(self, servers: list[BaseServer]) -> None:
+        self.servers = servers
 
     def started(self, addresses: list[Any] | None = None) -> None:
-        for kind, address in zip(self.kinds, addresses or [], strict=True):
-            print(f"trioserve: serving {kind} on {format_address(address)}", flush=True)
+        for server in self.servers:
+            kind = KINDS[type(server)]
+            if getattr(server, "ssl_context", None) is not None:
+                kind += "+TLS"
+            address = format_address(server.server_address)
+            print(f"trioserve: serving {kind} on {address}", flush=True)
 
 
-async def _run(servers: list[tuple[BaseServer, str]]) -> bool:
-    return await serve_until_signalled(
-        [server for server, _ in servers],
-        task_status=_AnnounceListeners([kind for _, kind in servers]),
-    )
+async def _run(servers: list[BaseServer]) -> bool:
+    return await serve_until_signalled(servers, task_status=_AnnounceListeners(servers))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import os
 import socket as stdlib_socket
 import ssl
 import stat
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -23,6 +23,9 @@ LOGGER = logging.getLogger("trioserve")
 # deep as the administrator allows; socketserver's 5 drops connections under
 # any real load.
 DEFAULT_REQUEST_QUEUE_SIZE = 65535
+
+
+_SocketServerT = TypeVar("_SocketServerT", bound="TCPServer")
 
 
 def _family_of(server_address: Any) -> stdlib_socket.AddressFamily:
@@ -40,8 +43,11 @@ class TCPServer(BaseServer):
     Each request is a :class:`trio.SocketStream`, with ``TCP_NODELAY`` set
     (socketserver leaves Nagle's algorithm on, which delays small replies),
     or with ``ssl_context`` a :class:`trio.SSLStream` over one. The TLS
-    handshake then happens in the request's own task, on the handler's first
-    read or write, so a slow client never holds up accepting.
+    handshake then happens in the request's own task, before the handler
+    runs, under :attr:`handshake_timeout`, so a slow client never holds up
+    accepting. A client that closes without TLS's close_notify is taken as
+    ending the stream, as web servers do: a protocol that must detect
+    truncation frames its messages.
 
     Construction does no I/O. With ``bind_and_activate=True`` the socket is
     made, bound and put to listen once, on ``async with server`` or at the
@@ -106,6 +112,10 @@ class TCPServer(BaseServer):
             idle_timeout=idle_timeout,
             shutdown_timeout=shutdown_timeout,
         )
+        if ssl_context is not None and self.socket_type != stdlib_socket.SOCK_STREAM:
+            raise ValueError(
+                "ssl_context needs a stream server (DTLS is not supported)"
+            )
         #: The server-side TLS context, or ``None`` for plain TCP.
         self.ssl_context = ssl_context
         if handshake_timeout is not DEFAULT:
@@ -119,6 +129,46 @@ class TCPServer(BaseServer):
         self._activated = not bind_and_activate
         if not bind_and_activate:
             self._socket = self._new_socket()
+
+    @classmethod
+    def from_socket(
+        cls: type[_SocketServerT],
+        sock: stdlib_socket.socket | int,
+        RequestHandlerClass: type[BaseRequestHandler],
+        **options: Any,
+    ) -> _SocketServerT:
+        """A server on a socket that is already bound, such as an inherited one.
+
+        Args:
+          sock: A bound :class:`socket.socket`, or its file descriptor (a
+            socket passed by a parent process, systemd, or a supervisor).
+            The server takes it over and closes it in :meth:`server_close`;
+            it is put to listen if it is a stream socket. A stream server
+            takes any stream socket (TCP or Unix), a datagram server any
+            datagram socket; a Unix socket file is left in place on close,
+            since the server did not make it.
+          RequestHandlerClass: The handler class.
+          **options: The keyword options of the constructor.
+
+        Raises:
+          ValueError: the socket's type does not suit the class (a datagram
+            socket for a stream server, or the other way round).
+        """
+        if isinstance(sock, int):
+            sock = stdlib_socket.socket(fileno=sock)
+        if sock.type != cls.socket_type:
+            stream = cls.socket_type == stdlib_socket.SOCK_STREAM
+            kind = "stream" if stream else "datagram"
+            raise ValueError(f"{cls.__name__} needs a {kind} socket, not {sock!r}")
+        # Made to bind lazily, it makes no socket of its own; handed this
+        # one, already bound, it has nothing left to bind.
+        server = cls(sock.getsockname(), RequestHandlerClass, **options)
+        server.address_family = stdlib_socket.AddressFamily(sock.family)
+        server._socket = trio.socket.from_stdlib_socket(sock)
+        server._activated = True
+        if cls.socket_type == stdlib_socket.SOCK_STREAM:
+            server._socket.listen(server.request_queue_size)
+        return server
 
     def _new_socket(self) -> trio.socket.SocketType:
         assert self.address_family is not None
@@ -200,7 +250,12 @@ class TCPServer(BaseServer):
     ) -> tuple[Any, Any] | None:
         if self.ssl_context is None:
             return await super()._prepare_request(request, client_address)
-        stream = trio.SSLStream(request, self.ssl_context, server_side=True)
+        # https_compatible: most TLS clients just close the connection, with
+        # no close_notify; take that as end-of-stream, as web servers do,
+        # instead of reporting every such request as broken.
+        stream = trio.SSLStream(
+            request, self.ssl_context, server_side=True, https_compatible=True
+        )
         with trio.move_on_after(self.handshake_timeout) as deadline:
             try:
                 await stream.do_handshake()
