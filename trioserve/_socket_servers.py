@@ -250,12 +250,7 @@ class TCPServer(BaseServer):
     ) -> tuple[Any, Any] | None:
         if self.ssl_context is None:
             return await super()._prepare_request(request, client_address)
-        # https_compatible: most TLS clients just close the connection, with
-        # no close_notify; take that as end-of-stream, as web servers do,
-        # instead of reporting every such request as broken.
-        stream = trio.SSLStream(
-            request, self.ssl_context, server_side=True, https_compatible=True
-        )
+        stream = trio.SSLStream(request, self.ssl_context, server_side=True)
         with trio.move_on_after(self.handshake_timeout) as deadline:
             try:
                 await stream.do_handshake()

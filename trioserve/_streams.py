@@ -10,6 +10,7 @@ byte. Together these keep reading linear in the bytes received.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -151,10 +152,18 @@ class AsyncBufferedReader:
         return True
 
     async def _receive_some(self, stream: trio.abc.ReceiveStream) -> bytes | bytearray:
-        if self.timeout is None:
-            return await stream.receive_some(self.receive_size)
-        with trio.move_on_after(self.timeout):
-            return await stream.receive_some(self.receive_size)
+        try:
+            if self.timeout is None:
+                return await stream.receive_some(self.receive_size)
+            with trio.move_on_after(self.timeout):
+                return await stream.receive_some(self.receive_size)
+        except trio.BrokenResourceError as exc:
+            # Most TLS clients close without sending close_notify. Take that
+            # as the end of the stream, as web servers do; a protocol that
+            # must detect truncation frames its messages.
+            if isinstance(exc.__cause__, ssl.SSLEOFError):
+                return b""
+            raise
         raise TimeoutError(f"no data received for {self.timeout} seconds")
 
     def _take(self, size: int) -> bytes:
