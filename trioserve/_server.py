@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from enum import Enum
@@ -286,7 +286,9 @@ class BaseServer:
             with serving.accept_scope:
                 self._accepting = True
                 task_status.started(self.server_address)
-                await self._accept_loop(serving)
+                async with trio.open_nursery() as accepting:
+                    for source in self._request_sources():
+                        accepting.start_soon(self._accept_loop, serving, source)
             # Accepting has stopped: by shutdown(), or because the socket was
             # closed, in which case the shutdown begins here.
             self._begin_shutdown(serving, self.shutdown_timeout)
@@ -304,7 +306,7 @@ class BaseServer:
             wait = math.inf if self.timeout is None else self.timeout
             accepted = None  # stays None if shutdown() ends the wait
             with serving.accept_scope, trio.move_on_after(wait) as timer:
-                accepted = await self._next_request()
+                accepted = await self._first_request(self._request_sources())
             if timer.cancelled_caught:
                 await self.handle_timeout()
             elif accepted is not None:
@@ -342,13 +344,42 @@ class BaseServer:
             await trio.sleep(poll_interval)
             await self.service_actions()
 
-    async def _accept_loop(self, serving: _Serving) -> None:
+    def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+        """One ``get_request`` per listener; the server accepts from each."""
+        return [self.get_request]
+
+    async def _first_request(
+        self, sources: list[Callable[[], Awaitable[tuple[Any, Any]]]]
+    ) -> tuple[Any, Any] | None:
+        """The first request from any source; None once they are all closed."""
+        if len(sources) == 1:
+            return await self._next_request(sources[0])
+        first: list[tuple[Any, Any] | None] = []
+
+        async def wait_for(source: Callable[[], Awaitable[tuple[Any, Any]]]) -> None:
+            accepted = await self._next_request(source)
+            if accepted is not None:
+                first.append(accepted)
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for source in sources:
+                nursery.start_soon(wait_for, source)
+        # Trio's accept and recv take effect only when they return, so the
+        # sources that lost the race were cancelled before taking anything.
+        return first[0] if first else None
+
+    async def _accept_loop(
+        self,
+        serving: _Serving,
+        source: Callable[[], Awaitable[tuple[Any, Any]]],
+    ) -> None:
         while True:
             if serving.slots is not None:
                 # Backpressure: at the bound, stop accepting.
                 await serving.slots.acquire()
             try:
-                accepted = await self._next_request()
+                accepted = await self._next_request(source)
             except BaseException:
                 if serving.slots is not None:
                     serving.slots.release()
@@ -359,11 +390,13 @@ class BaseServer:
                 return
             await self._handle_accepted(serving, *accepted)
 
-    async def _next_request(self) -> tuple[Any, Any] | None:
-        """Return the next ``get_request()``; None once the socket is closed."""
+    async def _next_request(
+        self, source: Callable[[], Awaitable[tuple[Any, Any]]]
+    ) -> tuple[Any, Any] | None:
+        """Return the next request from ``source``; None once it is closed."""
         while True:
             try:
-                return await self.get_request()
+                return await source()
             except trio.ClosedResourceError:
                 return None
             except OSError as exc:

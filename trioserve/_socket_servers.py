@@ -9,6 +9,8 @@ import os
 import socket as stdlib_socket
 import ssl
 import stat
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -29,7 +31,9 @@ _SocketServerT = TypeVar("_SocketServerT", bound="TCPServer")
 
 
 def _family_of(server_address: Any) -> stdlib_socket.AddressFamily:
-    """AF_INET6 for an IPv6 literal host, AF_INET for anything else."""
+    """AF_UNIX for a path, AF_INET6 for an IPv6 literal host, else AF_INET."""
+    if isinstance(server_address, (str, bytes, os.PathLike)):
+        return stdlib_socket.AF_UNIX
     try:
         host = ipaddress.ip_address(server_address[0])
     except (ValueError, TypeError, IndexError):
@@ -63,6 +67,11 @@ class TCPServer(BaseServer):
       RequestHandlerClass: The handler class, usually a
         :class:`StreamRequestHandler` subclass.
       bind_and_activate: Whether the server binds and listens by itself.
+      extra_addresses: More addresses to listen on, each an IP
+        ``(host, port)`` or a Unix socket path, whatever the class's family:
+        all listeners share one handler nursery, one concurrency bound, one
+        shutdown and one :attr:`~BaseServer.stats`. See
+        :attr:`server_addresses`.
       ssl_context: Serve TLS with this server-side context.
       handshake_timeout: Overrides the class attribute of that name.
       max_concurrent_requests, max_connections_per_peer, request_timeout,
@@ -95,6 +104,7 @@ class TCPServer(BaseServer):
         RequestHandlerClass: type[BaseRequestHandler],
         bind_and_activate: bool = True,
         *,
+        extra_addresses: Sequence[Any] = (),
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | _Default = DEFAULT,
         max_concurrent_requests: int | _Default | None = DEFAULT,
@@ -122,7 +132,14 @@ class TCPServer(BaseServer):
             self.handshake_timeout = handshake_timeout
         if self.address_family is None:
             self.address_family = _family_of(server_address)
+        #: The addresses listened on besides :attr:`server_address`; real
+        #: (bound) addresses once the server is bound.
+        self.extra_addresses = list(extra_addresses)
         self._socket: trio.socket.SocketType | None = None
+        self._extra_sockets: list[trio.socket.SocketType] = []
+        # (path, st_dev, st_ino) of each Unix socket file we made, so close
+        # removes those files and not ones made at the same paths since.
+        self._socket_files: list[tuple[str | bytes, int, int]] = []
         self._closed = False
         # False until bound and listening; with bind_and_activate=False that
         # is the caller's job, so there is nothing left for us to do.
@@ -184,8 +201,18 @@ class TCPServer(BaseServer):
             )
         return self._socket
 
+    @property
+    def sockets(self) -> list[trio.socket.SocketType]:
+        """Every listening socket: :attr:`socket` first, then the extra ones."""
+        return [self.socket, *self._extra_sockets]
+
+    @property
+    def server_addresses(self) -> list[Any]:
+        """Every address listened on: :attr:`server_address` first."""
+        return [self.server_address, *self.extra_addresses]
+
     def fileno(self) -> int:
-        """The listening socket's file descriptor."""
+        """The (first) listening socket's file descriptor."""
         return self.socket.fileno()
 
     async def _ensure_activated(self) -> None:
@@ -198,52 +225,104 @@ class TCPServer(BaseServer):
         try:
             await self.server_bind()
             await self.server_activate()
-        except BaseException as exc:
-            self._socket.close()
+        except BaseException:
+            await self.server_close()
+            self._closed = False
             self._socket = None
-            if isinstance(exc, OSError) and exc.errno is not None:
-                # Say which address: a service often binds several. OSError()
-                # picks the subclass for the errno, so callers can still
-                # catch PermissionError and the like.
-                message = f"could not bind {self.server_address!r}: {exc.strerror}"
-                raise OSError(exc.errno, message) from exc
+            self._extra_sockets = []
             raise
         self._activated = True
 
     async def server_bind(self) -> None:
-        """Set the reuse options and bind; :attr:`server_address` becomes real."""
-        sock = self.socket
-        if self.allow_reuse_address and hasattr(stdlib_socket, "SO_REUSEADDR"):
+        """Bind every listener; :attr:`server_addresses` become real.
+
+        Sets the reuse options first. For a Unix socket, a socket file left
+        by a server that died is removed first; one a live server listens on
+        makes binding fail with ``EADDRINUSE``.
+
+        Raises:
+          OSError: binding failed; the message names the address.
+        """
+        self.server_address = await self._bind(self.socket, self.server_address)
+        bound = []
+        for address in self.extra_addresses:
+            sock = trio.socket.socket(_family_of(address), self.socket_type)
+            self._extra_sockets.append(sock)
+            bound.append(await self._bind(sock, address))
+        self.extra_addresses = bound
+
+    async def _bind(self, sock: trio.socket.SocketType, address: Any) -> Any:
+        if self.allow_reuse_address and sock.family != stdlib_socket.AF_UNIX:
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
         if self.allow_reuse_port and hasattr(stdlib_socket, "SO_REUSEPORT"):
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-        await sock.bind(self.server_address)
-        self.server_address = sock.getsockname()
+        # A Unix socket's path, unless in Linux's abstract namespace (a
+        # leading NUL), which has no file to manage.
+        path: str | bytes | None = None
+        if sock.family == stdlib_socket.AF_UNIX:
+            path = os.fspath(address)
+            if path[:1] in ("\0", b"\0", "", b""):
+                path = None
+        try:
+            if path is not None:
+                _remove_if_stale(path, self.socket_type)
+            await sock.bind(address)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            # Say which address: a service often binds several. OSError()
+            # picks the subclass for the errno, so callers can still catch
+            # PermissionError and the like.
+            message = f"could not bind {address!r}: {exc.strerror}"
+            raise OSError(exc.errno, message) from exc
+        if path is not None:
+            info = os.stat(path)
+            self._socket_files.append((path, info.st_dev, info.st_ino))
+        return sock.getsockname()
 
     async def server_activate(self) -> None:
-        """Listen, with a backlog of :attr:`request_queue_size`."""
-        self.socket.listen(self.request_queue_size)
+        """Listen on every listener, with a backlog of :attr:`request_queue_size`."""
+        for sock in self.sockets:
+            sock.listen(self.request_queue_size)
         await trio.lowlevel.checkpoint()
 
     async def server_close(self) -> None:
-        """Close the listening socket. Idempotent.
+        """Close the listening sockets and remove the socket files they made.
 
-        Closing it while :meth:`serve_forever` runs ends accepting, and the
-        requests in flight get the shutdown grace period.
+        Idempotent. Closing them while :meth:`serve_forever` runs ends
+        accepting, and the requests in flight get the shutdown grace period.
         """
         self._closed = True
-        if self._socket is not None:
-            self._socket.close()
+        for sock in [self._socket, *self._extra_sockets]:
+            if sock is not None:
+                sock.close()
+        socket_files, self._socket_files = self._socket_files, []
+        for path, device, inode in socket_files:
+            with contextlib.suppress(FileNotFoundError):
+                info = os.stat(path)
+                if (info.st_dev, info.st_ino) == (device, inode):
+                    os.unlink(path)
         await trio.lowlevel.checkpoint()
 
-    async def get_request(self) -> tuple[Any, Any]:
+    def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+        if not self._extra_sockets:
+            return [self.get_request]
+        return [partial(self.get_request, sock) for sock in self.sockets]
+
+    async def get_request(
+        self, listener: trio.socket.SocketType | None = None
+    ) -> tuple[Any, Any]:
         """Accept a connection; return ``(SocketStream, client_address)``.
 
-        Under TLS the stream becomes a :class:`trio.SSLStream` later, in the
-        request's own task, after its handshake.
+        Accepts on ``listener``, by default :attr:`socket`. (With
+        ``extra_addresses``, the server calls this with each listener; an
+        override must take that argument.) Under TLS the stream becomes a
+        :class:`trio.SSLStream` later, in the request's own task, after its
+        handshake.
         """
-        sock, client_address = await self.socket.accept()
-        return trio.SocketStream(sock), client_address
+        sock = self.socket if listener is None else listener
+        connection, client_address = await sock.accept()
+        return trio.SocketStream(connection), client_address
 
     async def _prepare_request(
         self, request: Any, client_address: Any
@@ -289,9 +368,15 @@ class UDPServer(TCPServer):
         """Nothing to do: datagram sockets do not listen."""
         await trio.lowlevel.checkpoint()
 
-    async def get_request(self) -> tuple[Any, Any]:
-        """Receive a datagram; return ``((data, socket), client_address)``."""
-        sock = self.socket
+    async def get_request(
+        self, listener: trio.socket.SocketType | None = None
+    ) -> tuple[Any, Any]:
+        """Receive a datagram; return ``((data, socket), client_address)``.
+
+        Receives on ``listener``, by default :attr:`socket`, as for
+        :meth:`TCPServer.get_request`.
+        """
+        sock = self.socket if listener is None else listener
         while True:
             data, _, flags, client_address = await sock.recvmsg(self.max_packet_size)
             if not flags & stdlib_socket.MSG_TRUNC:
@@ -338,44 +423,7 @@ def _remove_if_stale(path: str | bytes, socket_type: stdlib_socket.SocketKind) -
             pass
 
 
-class _UnixSocketFile(TCPServer):
-    """Manages the socket file of a Unix server: stale check, removal on close."""
-
-    address_family = stdlib_socket.AF_UNIX
-    allow_reuse_address = False
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # (path, st_dev, st_ino) of the file we made, so close removes that
-        # file and not one another server made at the same path since.
-        self._socket_file: tuple[str | bytes, int, int] | None = None
-        super().__init__(*args, **kwargs)
-
-    async def server_bind(self) -> None:
-        path = os.fspath(self.server_address)
-        # Linux's abstract namespace (a leading NUL) has no file to manage.
-        in_filesystem = path[:1] not in ("\0", b"\0", "", b"")
-        if in_filesystem:
-            _remove_if_stale(path, self.socket_type)
-        await super().server_bind()
-        if in_filesystem:
-            info = os.stat(path)
-            self._socket_file = (path, info.st_dev, info.st_ino)
-
-    async def server_close(self) -> None:
-        """Close the socket and remove the socket file it made. Idempotent."""
-        await super().server_close()
-        if self._socket_file is not None:
-            path, device, inode = self._socket_file
-            self._socket_file = None
-            try:
-                info = os.stat(path)
-            except FileNotFoundError:
-                return
-            if (info.st_dev, info.st_ino) == (device, inode):
-                os.unlink(path)
-
-
-class UnixStreamServer(_UnixSocketFile):
+class UnixStreamServer(TCPServer):
     """A stream server on a Unix socket: ``socketserver.UnixStreamServer`` on Trio.
 
     ``server_address`` is the socket's path. A socket file left by a server
@@ -384,10 +432,15 @@ class UnixStreamServer(_UnixSocketFile):
     the server made.
     """
 
+    address_family = stdlib_socket.AF_UNIX
+    allow_reuse_address = False
 
-class UnixDatagramServer(_UnixSocketFile, UDPServer):
+
+class UnixDatagramServer(UDPServer):
     """A datagram server on a Unix socket: ``socketserver.UnixDatagramServer`` on Trio.
 
     The socket file is managed as for :class:`UnixStreamServer`. Replies go
     to the client's own bound path; a client that did not bind gets none.
     """
+
+    address_family = stdlib_socket.AF_UNIX
