@@ -21,29 +21,28 @@ from ._echo import EchoDatagramHandler, EchoStreamHandler
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
 from ._signals import serve_until_signalled
-from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
+from ._socket_servers import TCPServer, UDPServer
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
 
-# The server class each listener option makes. Stream listeners take stream
-# handlers, datagram listeners datagram handlers.
-STREAM_LISTENERS: dict[str, type[TCPServer]] = {
-    "tcp": TCPServer,
-    "unix": UnixStreamServer,
-}
-DATAGRAM_LISTENERS: dict[str, type[TCPServer]] = {
-    "udp": UDPServer,
-    "unix_dgram": UnixDatagramServer,
-}
+# The listener options of each kind. Stream listeners take stream handlers,
+# datagram listeners datagram handlers; each kind makes one server, so its
+# listeners share one concurrency bound, one shutdown and one set of counters.
+STREAM_LISTENERS = ("tcp", "unix")
+DATAGRAM_LISTENERS = ("udp", "unix_dgram")
 
-# How the start-up line names each kind of server.
-KINDS: dict[type[BaseServer], str] = {
-    TCPServer: "TCP",
-    UDPServer: "UDP",
-    UnixStreamServer: "UNIX",
-    UnixDatagramServer: "UNIX-DGRAM",
-}
+
+def _kind(server: BaseServer, address: Any) -> str:
+    """How the start-up line names a listener: TCP, UDP, UNIX or UNIX-DGRAM."""
+    stream = not isinstance(server, UDPServer)
+    if isinstance(address, tuple):
+        kind = "TCP" if stream else "UDP"
+    else:
+        kind = "UNIX" if stream else "UNIX-DGRAM"
+    if getattr(server, "ssl_context", None) is not None:
+        kind += "+TLS"
+    return kind
 
 
 class UsageError(Exception):
@@ -275,10 +274,7 @@ def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _server_class_for(sock: socket.socket) -> type[TCPServer]:
-    unix = sock.family == socket.AF_UNIX
-    if sock.type == socket.SOCK_STREAM:
-        return UnixStreamServer if unix else TCPServer
-    return UnixDatagramServer if unix else UDPServer
+    return TCPServer if sock.type == socket.SOCK_STREAM else UDPServer
 
 
 def build_servers(
@@ -289,28 +285,34 @@ def build_servers(
 ) -> list[BaseServer]:
     """The servers the listener options (and ``inherited`` sockets) ask for."""
     options = _server_options(args)
-    stream_options = {**options, **_tls_options(args)}
-    wanted: list[tuple[type[TCPServer], Any, str]] = [
-        (server_class, address, "--" + option.replace("_", "-"))
-        for listeners in (STREAM_LISTENERS, DATAGRAM_LISTENERS)
-        for option, server_class in listeners.items()
-        for address in getattr(args, option)
-    ]
+    servers: list[BaseServer] = []
+    for names, server_class, handler, needed in (
+        (STREAM_LISTENERS, TCPServer, stream_handler, "StreamRequestHandler"),
+        (DATAGRAM_LISTENERS, UDPServer, datagram_handler, "DatagramRequestHandler"),
+    ):
+        addresses = [address for name in names for address in getattr(args, name)]
+        if not addresses:
+            continue
+        if handler is None:
+            given = [name for name in names if getattr(args, name)]
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag} needs a {needed}; the handler is not one")
+        kwargs = options
+        if server_class is TCPServer:
+            kwargs = {**options, **_tls_options(args)}
+        first, *extra = addresses
+        servers.append(server_class(first, handler, extra_addresses=extra, **kwargs))
     sockets = [(f"--fd {fd}", socket.socket(fileno=fd)) for fd in args.fd]
     sockets += [(f"socket {name!r} from systemd", sock) for name, sock in inherited]
-    wanted += [(_server_class_for(sock), sock, source) for source, sock in sockets]
-    servers: list[BaseServer] = []
-    for server_class, address, source in wanted:
-        stream = server_class.socket_type == socket.SOCK_STREAM
+    for source, sock in sockets:
+        server_class = _server_class_for(sock)
+        stream = server_class is TCPServer
         handler = stream_handler if stream else datagram_handler
         if handler is None:
             needed = "StreamRequestHandler" if stream else "DatagramRequestHandler"
             raise UsageError(f"{source} needs a {needed}; the handler is not one")
-        kwargs = stream_options if stream else options
-        if isinstance(address, socket.socket):
-            servers.append(server_class.from_socket(address, handler, **kwargs))
-        else:
-            servers.append(server_class(address, handler, **kwargs))
+        kwargs = {**options, **_tls_options(args)} if stream else options
+        servers.append(server_class.from_socket(sock, handler, **kwargs))
     return servers
 
 
@@ -387,11 +389,13 @@ class _AnnounceListeners:
 
     def started(self, addresses: list[Any] | None = None) -> None:
         for server in self.servers:
-            kind = KINDS[type(server)]
-            if getattr(server, "ssl_context", None) is not None:
-                kind += "+TLS"
-            address = format_address(server.server_address)
-            print(f"trioserve: serving {kind} on {address}", flush=True)
+            listening = getattr(server, "server_addresses", [server.server_address])
+            for address in listening:
+                kind = _kind(server, address)
+                print(
+                    f"trioserve: serving {kind} on {format_address(address)}",
+                    flush=True,
+                )
 
 
 async def _run(servers: list[BaseServer]) -> bool:
