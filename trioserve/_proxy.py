@@ -127,6 +127,13 @@ _V1_WORD = re.compile(rb"[^ \r\n]*")
 # octal, the specification says).
 _V1_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
 
+# Where the fixed part of a version 2 header keeps what, after the signature:
+# byte 13 (index 12) the version and command, byte 14 the family and
+# transport, bytes 15 and 16 the length of the rest of the header.
+_V2_VERSION_COMMAND_AT = 12
+_V2_FAMILY_TRANSPORT_AT = 13
+_V2_LENGTH_AT = slice(14, 16)
+
 # Version 2, byte 13: the version in the high nibble (2 is the only one), the
 # command in the low nibble.
 _V2_VERSION = 0x2
@@ -198,9 +205,9 @@ class ProxyHeader:
     """A parsed PROXY protocol header.
 
     When :attr:`source` is ``None`` the header carries no client address
-    (version 1 ``UNKNOWN``, version 2 ``LOCAL``, or the ``AF_UNSPEC`` family),
-    and the specification says to use the real connection's addresses, as if
-    there were no header.
+    (version 1 ``UNKNOWN``; version 2 ``LOCAL``, or ``PROXY`` with the
+    ``AF_UNSPEC`` family or the ``UNSPEC`` transport), and the specification
+    says to use the real connection's addresses, as if there were no header.
     """
 
     #: 1 or 2.
@@ -442,7 +449,7 @@ class ProxyHeaderParser:
         """The length of the whole version 2 header, or 16 until that is known."""
         if len(self._buffer) < V2_FIXED_LENGTH:
             return V2_FIXED_LENGTH
-        return V2_FIXED_LENGTH + int.from_bytes(self._buffer[14:16], "big")
+        return V2_FIXED_LENGTH + int.from_bytes(self._buffer[_V2_LENGTH_AT], "big")
 
     def _advance_v2(self) -> None:
         fixed = bytes(self._buffer[:V2_FIXED_LENGTH])
@@ -518,8 +525,9 @@ def _check_v1_start(line: bytes) -> None:
         return
     if not complete and _v1_words_from(word):
         return
+    starting = "" if complete else "starting "
     raise ProxyProtocolError(
-        f"unknown PROXY v1 protocol {_show(word)}{'' if complete else '...'}: "
+        f"unknown PROXY v1 protocol {starting}{_show(word)}: "
         "expected TCP4, TCP6 or UNKNOWN"
     )
 
@@ -607,15 +615,15 @@ def _parse_v1_ip(text: bytes, word: bytes, role: str) -> str:
         else ("IPv6", socket.AF_INET6, ipaddress.IPv6Address)
     )
     try:
-        # A scope ("fe80::1%eth0") means nothing on another host, and the
-        # specification's grammar has none.
-        if b"%" in text:
-            raise ValueError(text)
-        packed = parse(text.decode("ascii")).packed
+        packed: bytes | None = parse(text.decode("ascii")).packed
     except ValueError:  # including UnicodeDecodeError
+        packed = None
+    # A scope ("fe80::1%eth0") means nothing on another host, and the
+    # specification's grammar has none.
+    if packed is None or b"%" in text:
         raise ProxyProtocolError(
             f"PROXY v1 {role} address {_show(text)} is not a valid {kind} address"
-        ) from None
+        )
     return socket.inet_ntop(family, packed)
 
 
@@ -636,23 +644,25 @@ def _check_v2_fixed(fixed: bytes) -> None:
             f"PROXY v2 signature mismatch: got {_show(signature)}, "
             f"expected {_show(V2_SIGNATURE)}"
         )
-    if len(fixed) <= 12:
+    if len(fixed) <= _V2_VERSION_COMMAND_AT:
         return
-    version, command = fixed[12] >> 4, fixed[12] & 0xF
+    version_command = fixed[_V2_VERSION_COMMAND_AT]
+    version, command = version_command >> 4, version_command & 0xF
     if version != _V2_VERSION:
         raise ProxyProtocolError(
             f"unsupported PROXY v2 version 0x{version:x} "
-            f"(byte 13 is 0x{fixed[12]:02x}; the version nibble must be 0x2)"
+            f"(byte 13 is 0x{version_command:02x}; the version nibble must be 0x2)"
         )
     if command not in _V2_COMMANDS:
         raise ProxyProtocolError(
             f"unknown PROXY v2 command 0x{command:x}: "
             "expected 0x0 (LOCAL) or 0x1 (PROXY)"
         )
-    if len(fixed) <= 13 or _V2_COMMANDS[command] == "LOCAL":
+    if len(fixed) <= _V2_FAMILY_TRANSPORT_AT or _V2_COMMANDS[command] == "LOCAL":
         # LOCAL discards the family and everything after it.
         return
-    family, transport = fixed[13] >> 4, fixed[13] & 0xF
+    family_transport = fixed[_V2_FAMILY_TRANSPORT_AT]
+    family, transport = family_transport >> 4, family_transport & 0xF
     if family not in _V2_FAMILY_NAMES:
         raise ProxyProtocolError(
             f"unsupported address family 0x{family:x} in PROXY v2 header: expected "
@@ -665,7 +675,7 @@ def _check_v2_fixed(fixed: bytes) -> None:
         )
     if len(fixed) < V2_FIXED_LENGTH:
         return
-    length = int.from_bytes(fixed[14:16], "big")
+    length = int.from_bytes(fixed[_V2_LENGTH_AT], "big")
     needed = _v2_address_length(family, _V2_TRANSPORTS[transport])
     if length < needed:
         raise ProxyProtocolError(
@@ -681,12 +691,13 @@ def _v2_address_length(family: int, transport: ProxyTransport | None) -> int:
 
 def _parse_v2_header(header: bytes) -> ProxyHeader:
     """Parse a whole version 2 header, whose fixed part has been checked."""
-    if _V2_COMMANDS[header[12] & 0xF] == "LOCAL":
+    if _V2_COMMANDS[header[_V2_VERSION_COMMAND_AT] & 0xF] == "LOCAL":
         # The proxy's own connection: use the real endpoints, discard the rest.
         return ProxyHeader(
             version=2, command="LOCAL", source=None, destination=None, protocol=None
         )
-    family, transport = header[13] >> 4, _V2_TRANSPORTS[header[13] & 0xF]
+    family_transport = header[_V2_FAMILY_TRANSPORT_AT]
+    family, transport = family_transport >> 4, _V2_TRANSPORTS[family_transport & 0xF]
     rest = header[V2_FIXED_LENGTH:]
     if family != _AF_UNSPEC and transport is None:
         # A family without a transport has no defined layout: fall back to

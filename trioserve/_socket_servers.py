@@ -11,11 +11,12 @@ import ssl
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import trio
 
 from ._handlers import BaseRequestHandler
+from ._proxy import ProxyHeaderParser, ProxyMode, ProxyProtocolError
 from ._server import DEFAULT, BaseServer, _Default
 
 LOGGER = logging.getLogger("trioserve")
@@ -28,6 +29,9 @@ DEFAULT_REQUEST_QUEUE_SIZE = 65535
 
 
 _SocketServerT = TypeVar("_SocketServerT", bound="TCPServer")
+
+#: ``proxy_protocol``'s values: "off", or the versions accepted.
+ProxyProtocolMode = Literal["off", "v1", "v2", "auto"]
 
 
 def _family_of(server_address: Any) -> stdlib_socket.AddressFamily:
@@ -73,7 +77,8 @@ class TCPServer(BaseServer):
         shutdown and one :attr:`~BaseServer.stats`. See
         :attr:`server_addresses`.
       ssl_context: Serve TLS with this server-side context.
-      handshake_timeout: Overrides the class attribute of that name.
+      handshake_timeout, proxy_protocol, trusted_proxies: Override the class
+        attributes of those names.
       max_concurrent_requests, max_connections_per_peer, request_timeout,
       idle_timeout, shutdown_timeout: As on :class:`BaseServer`.
     """
@@ -92,11 +97,26 @@ class TCPServer(BaseServer):
     allow_reuse_port: bool = False
     #: The listen backlog (socketserver: 5); the kernel caps it.
     request_queue_size: int = DEFAULT_REQUEST_QUEUE_SIZE
-    #: Seconds a TLS client has to complete its handshake. A handshake that
-    #: fails or runs out of time drops the connection: logged at DEBUG and
-    #: counted in ``stats.dropped``, not reported to ``handle_error``, since
-    #: port scanners and plain-text clients do it all day.
+    #: Seconds a client has to complete its TLS handshake, and a proxy to
+    #: send its PROXY header. A handshake that fails or runs out of time
+    #: drops the connection: logged at DEBUG and counted in
+    #: ``stats.dropped``, not reported to ``handle_error``, since port
+    #: scanners and plain-text clients do it all day.
     handshake_timeout: float = 10.0
+    #: Whether each connection starts with a PROXY protocol header (HAProxy's
+    #: spec) giving the real client's address: ``"off"``, ``"v1"``, ``"v2"``,
+    #: or ``"auto"`` for either. With it on, a connection from a peer not in
+    #: :attr:`trusted_proxies`, or whose header is malformed or late, is
+    #: closed, logged at WARNING and counted in ``stats.dropped``; otherwise
+    #: ``client_address`` becomes the address the header gives (a ``LOCAL``
+    #: or ``UNKNOWN`` header, as a proxy's health check sends, leaves the
+    #: real peer's). The header is read in the request's own task, before
+    #: any TLS handshake and after ``verify_request``, which therefore sees
+    #: the proxy's address.
+    proxy_protocol: ProxyProtocolMode = "off"
+    #: The peers allowed to send PROXY headers: IP addresses or networks
+    #: (``"10.0.0.0/8"``), and ``"unix"`` for every peer on a Unix socket.
+    trusted_proxies: Sequence[str] = ()
 
     def __init__(
         self,
@@ -107,6 +127,8 @@ class TCPServer(BaseServer):
         extra_addresses: Sequence[Any] = (),
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | _Default = DEFAULT,
+        proxy_protocol: ProxyProtocolMode | _Default = DEFAULT,
+        trusted_proxies: Sequence[str] | _Default = DEFAULT,
         max_concurrent_requests: int | _Default | None = DEFAULT,
         max_connections_per_peer: int | _Default | None = DEFAULT,
         request_timeout: float | _Default | None = DEFAULT,
@@ -130,6 +152,18 @@ class TCPServer(BaseServer):
         self.ssl_context = ssl_context
         if handshake_timeout is not DEFAULT:
             self.handshake_timeout = handshake_timeout
+        if proxy_protocol is not DEFAULT:
+            self.proxy_protocol = proxy_protocol
+        if trusted_proxies is not DEFAULT:
+            self.trusted_proxies = trusted_proxies
+        self._trusted_networks = _trusted_networks(
+            self.proxy_protocol, self.trusted_proxies
+        )
+        if (
+            self.proxy_protocol != "off"
+            and self.socket_type != stdlib_socket.SOCK_STREAM
+        ):
+            raise ValueError("proxy_protocol is supported for stream servers only")
         if self.address_family is None:
             self.address_family = _family_of(server_address)
         #: The addresses listened on besides :attr:`server_address`; real
@@ -327,6 +361,11 @@ class TCPServer(BaseServer):
     async def _prepare_request(
         self, request: Any, client_address: Any
     ) -> tuple[Any, Any] | None:
+        if self.proxy_protocol != "off":
+            proxied = await self._read_proxy_header(request, client_address)
+            if proxied is None:
+                return None
+            client_address = proxied
         if self.ssl_context is None:
             return await super()._prepare_request(request, client_address)
         stream = trio.SSLStream(request, self.ssl_context, server_side=True)
@@ -341,12 +380,62 @@ class TCPServer(BaseServer):
             return None
         return stream, client_address
 
+    async def _read_proxy_header(self, stream: trio.abc.Stream, peer: Any) -> Any:
+        """The client address a trusted proxy's header gives; None to drop."""
+        if not _is_trusted(peer, self._trusted_networks):
+            LOGGER.warning("closed a connection from %r: not a trusted proxy", peer)
+            return None
+        parser = ProxyHeaderParser(cast(ProxyMode, self.proxy_protocol))
+        header = None
+        with trio.move_on_after(self.handshake_timeout):
+            try:
+                # Ask for no more than the header can still hold, so that
+                # what follows it stays in the socket for the handler.
+                while header is None:
+                    data = await stream.receive_some(parser.next_needed)
+                    header = parser.feed(data)
+            except (ProxyProtocolError, trio.BrokenResourceError) as exc:
+                LOGGER.warning("closed a connection from %r: %s", peer, exc)
+                return None
+        if header is None:
+            LOGGER.warning("closed a connection from %r: no PROXY header in time", peer)
+            return None
+        return peer if header.source is None else header.source
+
     async def close_request(self, request: Any) -> None:
         """Close the request's stream (under TLS, after sending close_notify)."""
         # A peer that has already gone cannot take a close_notify; the socket
         # is closed all the same.
         with contextlib.suppress(trio.BrokenResourceError):
             await request.aclose()
+
+
+def _trusted_networks(
+    mode: str, trusted: Sequence[str]
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network | str]:
+    if mode not in ("off", "v1", "v2", "auto"):
+        raise ValueError(f"proxy_protocol must be off, v1, v2 or auto, not {mode!r}")
+    if isinstance(trusted, str):
+        raise TypeError("trusted_proxies is a list of addresses, not one string")
+    if mode != "off" and not trusted:
+        raise ValueError("proxy_protocol needs trusted_proxies: who may send headers")
+    return [
+        entry if entry == "unix" else ipaddress.ip_network(entry, strict=False)
+        for entry in trusted
+    ]
+
+
+def _is_trusted(
+    peer: Any, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network | str]
+) -> bool:
+    if not isinstance(peer, tuple):
+        return "unix" in networks
+    address = ipaddress.ip_address(peer[0].partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(
+        not isinstance(network, str) and address in network for network in networks
+    )
 
 
 class UDPServer(TCPServer):
