@@ -141,6 +141,21 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds a client has to complete the TLS handshake",
     )
+    proxy = parser.add_argument_group("PROXY protocol (stream listeners)")
+    proxy.add_argument(
+        "--proxy-protocol",
+        choices=["off", "v1", "v2", "auto"],
+        default="off",
+        help="expect HAProxy's PROXY header giving the real client (default off)",
+    )
+    proxy.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="an IP address or network allowed to send PROXY headers, or "
+        "'unix' for Unix socket peers (repeatable; needed with --proxy-protocol)",
+    )
     serving = parser.add_argument_group("serving")
     serving.add_argument(
         "--shutdown-timeout",
@@ -256,20 +271,26 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The stream servers' TLS options, from --tls-cert and --tls-key."""
+def _stream_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The stream servers' own options: TLS and the PROXY protocol."""
+    options: dict[str, Any] = {}
+    if args.proxy_protocol != "off":
+        if not args.trusted_proxy:
+            raise UsageError("--proxy-protocol needs --trusted-proxy")
+        options["proxy_protocol"] = args.proxy_protocol
+        options["trusted_proxies"] = args.trusted_proxy
+    if args.handshake_timeout is not None:
+        options["handshake_timeout"] = args.handshake_timeout
     if args.tls_cert is None:
         if args.tls_key is not None:
             raise UsageError("--tls-key needs --tls-cert")
-        return {}
+        return options
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load the TLS certificate: {exc}") from None
-    options: dict[str, Any] = {"ssl_context": context}
-    if args.handshake_timeout is not None:
-        options["handshake_timeout"] = args.handshake_timeout
+    options["ssl_context"] = context
     return options
 
 
@@ -299,7 +320,7 @@ def build_servers(
             raise UsageError(f"{flag} needs a {needed}; the handler is not one")
         kwargs = options
         if server_class is TCPServer:
-            kwargs = {**options, **_tls_options(args)}
+            kwargs = {**options, **_stream_options(args)}
         first, *extra = addresses
         servers.append(server_class(first, handler, extra_addresses=extra, **kwargs))
     sockets = [(f"--fd {fd}", socket.socket(fileno=fd)) for fd in args.fd]
@@ -311,7 +332,7 @@ def build_servers(
         if handler is None:
             needed = "StreamRequestHandler" if stream else "DatagramRequestHandler"
             raise UsageError(f"{source} needs a {needed}; the handler is not one")
-        kwargs = {**options, **_tls_options(args)} if stream else options
+        kwargs = {**options, **_stream_options(args)} if stream else options
         servers.append(server_class.from_socket(sock, handler, **kwargs))
     return servers
 

@@ -1,0 +1,585 @@
+"""The examples in ``examples/``, each run as a real subprocess.
+
+Every test starts an example on port 0, learns its real addresses from the
+``listening: KIND ADDRESS`` lines it prints, talks to it over real sockets
+(plain blocking ones, each with a timeout), then sends SIGTERM and checks
+that it exits 0 with nothing alarming on stderr. The interpreter runs with
+``-W error::ResourceWarning``; a subprocess still running at the end of a
+test is killed in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cli import EXIT_TIMEOUT, IO_TIMEOUT, _LineReader, ipv6_loopback_available
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+LISTENING_LINE = re.compile(r"^listening: (?P<kind>TCP|UDP|UNIX|TLS) (?P<address>.+)$")
+
+
+# The examples stop gracefully on either.
+STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT]
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def parse_address(text: str) -> Any:
+    """``HOST:PORT`` or ``[V6]:PORT`` as ``(host, port)``; a path as itself."""
+    match = re.fullmatch(
+        r"\[(?P<v6>[^\]]+)\]:(?P<p6>\d+)|(?P<v4>[^:/]+):(?P<p4>\d+)", text
+    )
+    if match is None:
+        return text
+    host, port = match["v6"] or match["v4"], int(match["p6"] or match["p4"])
+    assert port != 0, text
+    return host, port
+
+
+class Example:
+    """A running example and its output."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        self.stdout = _LineReader(proc.stdout)
+        self.stderr = _LineReader(proc.stderr)
+
+    def listening(self, count: int) -> dict[str, Any]:
+        """Read stdout up to ``count`` listening lines; return ``{kind: address}``."""
+        found: dict[str, Any] = {}
+        while len(found) < count:
+            line = self.stdout.next_line()
+            assert line is not None, (
+                f"exited before listening: rc={self.proc.wait(EXIT_TIMEOUT)}, "
+                f"stderr={self.stderr.join()!r}"
+            )
+            if match := LISTENING_LINE.match(line):
+                found[match["kind"]] = parse_address(match["address"])
+        return found
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[str, str]:
+        """Send ``signum``; check for a clean exit 0; return ``(stdout, stderr)``."""
+        self.proc.send_signal(signum)
+        return self.finish()
+
+    def finish(self) -> tuple[str, str]:
+        """Wait for a clean exit 0; return ``(stdout, stderr)``."""
+        rc = self.proc.wait(timeout=EXIT_TIMEOUT)
+        stdout, stderr = self.stdout.join(), self.stderr.join()
+        assert rc == 0, stderr
+        assert "Traceback" not in stderr, stderr
+        assert "ResourceWarning" not in stderr, stderr
+        return stdout, stderr
+
+
+@contextlib.contextmanager
+def run_example(name: str, *args: str) -> Iterator[Example]:
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "error::ResourceWarning", f"examples/{name}.py", *args],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    example = None
+    try:
+        example = Example(proc)
+        yield example
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=EXIT_TIMEOUT)
+        if example is not None:
+            # The readers reach end of file now that the process is gone;
+            # let them finish before the pipes close under them.
+            example.stdout.join()
+            example.stderr.join()
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: Unix socket paths are limited."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="trioserve-ex-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- plain blocking clients --------------------------------------------------
+
+
+def connect(address: Any) -> socket.socket:
+    if isinstance(address, str):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(IO_TIMEOUT)
+        try:
+            client.connect(address)
+        except BaseException:
+            client.close()
+            raise
+        return client
+    return socket.create_connection(address, timeout=IO_TIMEOUT)
+
+
+class LineClient:
+    """A stream client that reads whole lines, each within ``IO_TIMEOUT``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def readline(self) -> bytes:
+        """The next line with its newline; what is left (maybe b"") at EOF."""
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    def ask(self, line: bytes) -> bytes:
+        self.send(line)
+        return self.readline()
+
+
+@contextlib.contextmanager
+def line_client(address: Any) -> Iterator[LineClient]:
+    with connect(address) as sock:
+        yield LineClient(sock)
+
+
+def udp_ask(address: tuple[str, int], payload: bytes) -> bytes:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as client:
+        client.settimeout(IO_TIMEOUT)
+        client.sendto(payload, address)
+        data, source = client.recvfrom(65536)
+    assert source[1] == address[1]
+    return data
+
+
+# -- tcp_echo, udp_echo, multi_protocol --------------------------------------
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=signal_name)
+def test_tcp_echo(signum: int) -> None:
+    with run_example("tcp_echo", "--port", "0") as example:
+        address = example.listening(1)["TCP"]
+        with line_client(address) as client:
+            assert client.ask(b"hello\n") == b"hello\n"
+            # Two lines in one send come back as two lines.
+            client.send(b"one\ntwo\n")
+            assert client.readline() == b"one\n"
+            assert client.readline() == b"two\n"
+            # A line split across sends comes back whole.
+            client.send(b"spl")
+            client.send(b"it\n")
+            assert client.readline() == b"split\n"
+            # An idle client sees end of stream when the shutdown starts.
+            example.proc.send_signal(signum)
+            assert client.readline() == b""
+        _, stderr = example.finish()
+    assert "shutting down" in stderr
+    assert "KeyboardInterrupt" not in stderr
+
+
+@pytest.mark.skipif(
+    not ipv6_loopback_available(), reason="IPv6 loopback is unavailable"
+)
+@pytest.mark.parametrize(("name", "kind"), [("tcp_echo", "TCP"), ("udp_echo", "UDP")])
+def test_echo_over_ipv6(name: str, kind: str) -> None:
+    with run_example(name, "--host", "::1", "--port", "0") as example:
+        address = example.listening(1)[kind]
+        assert address[0] == "::1"
+        if kind == "TCP":
+            with line_client(address) as client:
+                assert client.ask(b"over ipv6\n") == b"over ipv6\n"
+        else:
+            assert udp_ask(address, b"over ipv6") == b"over ipv6"
+        example.stop()
+
+
+def test_udp_echo() -> None:
+    with run_example("udp_echo", "--port", "0") as example:
+        address = example.listening(1)["UDP"]
+        assert udp_ask(address, b"hello over udp") == b"hello over udp"
+        assert udp_ask(address, b"two\nlines\n") == b"two\nlines\n"
+        example.stop()
+
+
+def test_multi_protocol_serves_one_body_over_three_transports(short_tmp: Path) -> None:
+    unix_path = str(short_tmp / "shout.sock")
+    args = ["--port", "0", "--udp-port", "0", "--unix", unix_path]
+    with run_example("multi_protocol", *args) as example:
+        listeners = example.listening(3)
+        assert listeners["UNIX"] == unix_path
+        for kind in ("TCP", "UNIX"):
+            with line_client(listeners[kind]) as client:
+                assert client.ask(f"hi over {kind}\n".encode()) == (
+                    f"HI OVER {kind}\n".encode()
+                )
+                assert client.ask(b"again\n") == b"AGAIN\n"
+        assert udp_ask(listeners["UDP"], b"hi\nover udp") == b"HI\nOVER UDP"
+        example.stop()
+    assert not Path(unix_path).exists(), "the socket file was left behind"
+
+
+# -- chat ---------------------------------------------------------------------
+
+
+def chat_name(client: LineClient) -> str:
+    host, port = client.sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def chat_member(address: Any, *others: LineClient) -> Iterator[LineClient]:
+    """Join the chat; return once the member and ``others`` have seen it join."""
+    with line_client(address) as client:
+        name = chat_name(client)
+        assert client.readline() == f"* welcome, {name}\n".encode()
+        for other in others:
+            assert other.readline() == f"* {name} joined\n".encode()
+        yield client
+
+
+def test_chat_broadcasts_to_the_others_and_says_goodbye() -> None:
+    with run_example("chat", "--port", "0") as example:
+        address = example.listening(1)["TCP"]
+        with chat_member(address) as alice, chat_member(address, alice) as bob:
+            alice.send(b"hello\n")
+            assert bob.readline() == f"{chat_name(alice)}: hello\n".encode()
+            bob.send(b"hi\r\n")
+            # Alice's next line is Bob's: her own message never came back.
+            assert alice.readline() == f"{chat_name(bob)}: hi\n".encode()
+
+            # A member that resets its connection leaves; the rest carry on.
+            with chat_member(address, alice, bob) as carol:
+                name = chat_name(carol)
+                carol.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+            assert alice.readline() == bob.readline() == f"* {name} left\n".encode()
+            alice.send(b"still here\n")
+            assert bob.readline() == f"{chat_name(alice)}: still here\n".encode()
+
+            example.proc.send_signal(signal.SIGTERM)
+            for member in (alice, bob):
+                assert member.readline() == b"* the server is shutting down, goodbye\n"
+                assert member.readline() == b""
+            example.finish()
+
+
+def test_chat_drops_a_member_that_stopped_reading() -> None:
+    with run_example("chat", "--port", "0") as example:
+        address = example.listening(1)["TCP"]
+        with chat_member(address) as alice, chat_member(address, alice) as bob:
+            with socket.socket() as stalled:
+                # A small receive buffer that is never read: writes to this
+                # member soon make no progress, and the chat must drop it.
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                stalled.settimeout(IO_TIMEOUT)
+                stalled.connect(address)
+                host, port = stalled.getsockname()[:2]
+                left = f"* {host}:{port} left\n".encode()
+                assert bob.readline() == f"* {host}:{port} joined\n".encode()
+                assert alice.readline() == f"* {host}:{port} joined\n".encode()
+                seen: list[bytes] = []
+                message = b"x" * 60000 + b"\n"
+                for _ in range(1000):  # bound: far more than any buffer holds
+                    alice.send(message)
+                    while (
+                        line := bob.readline()
+                    ) != f"{chat_name(alice)}: ".encode() + message:
+                        assert line, "bob was disconnected"
+                        seen.append(line)
+                    if left in seen:
+                        break
+                else:
+                    pytest.fail("the stalled member was never dropped")
+                assert alice.readline() == left
+                # Its connection was closed: it sees end of stream once it
+                # reads what had reached it.
+                while stalled.recv(1 << 20):
+                    pass
+            # Bob, who kept reading, is still served.
+            alice.send(b"after\n")
+            assert bob.readline() == f"{chat_name(alice)}: after\n".encode()
+            example.stop()
+
+
+# -- allow_list ---------------------------------------------------------------
+
+
+def can_bind(host: str) -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_allow_list_serves_allowed_clients_and_closes_the_others() -> None:
+    # 127.0.0.2 is a loopback address too on Linux (not on macOS), but it is
+    # not in 127.0.0.1's network.
+    alias = can_bind("127.0.0.2")
+    with run_example("allow_list", "--port", "0", "--allow", "127.0.0.2/32") as example:
+        host, port = example.listening(1)["TCP"]
+        with line_client((host, port)) as rejected:
+            assert rejected.readline() == b""
+        if alias:
+            with socket.create_connection(
+                (host, port), timeout=IO_TIMEOUT, source_address=("127.0.0.2", 0)
+            ) as sock:
+                allowed = LineClient(sock)
+                assert allowed.ask(b"let me in\n") == b"let me in\n"
+        stdout, stderr = example.stop()
+    assert "rejected 127.0.0.1" in stderr
+    assert f"served {int(alias)}, rejected 1" in stdout
+
+
+def test_allow_list_default_allows_loopback() -> None:
+    with run_example("allow_list", "--port", "0") as example:
+        address = example.listening(1)["TCP"]
+        with line_client(address) as client:
+            assert client.ask(b"hello\n") == b"hello\n"
+        stdout, _ = example.stop()
+    assert "served 1, rejected 0" in stdout
+
+
+# -- tls_echo -----------------------------------------------------------------
+
+
+def test_tls_echo_verifies_against_the_written_ca(short_tmp: Path) -> None:
+    cafile = short_tmp / "ca.pem"
+    with run_example("tls_echo", "--port", "0", "--cafile", str(cafile)) as example:
+        host, port = example.listening(1)["TLS"]
+        trusting = ssl.create_default_context(cafile=str(cafile))
+        with connect((host, port)) as raw:
+            with trusting.wrap_socket(raw, server_hostname=host) as tls:
+                client = LineClient(tls)
+                assert client.ask(b"secret\n") == b"secret\n"
+                assert client.ask(b"again\n") == b"again\n"
+                assert tls.version() is not None
+            # Closed without close_notify (Python's close() sends none): an
+            # end of stream to the server, not an error with a traceback.
+        # A client that does not trust the CA refuses the server.
+        with connect((host, port)) as raw:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                ssl.create_default_context().wrap_socket(raw, server_hostname=host)
+        if openssl := shutil.which("openssl"):
+            openssl_echo(openssl, host, port, cafile)
+        example.stop()
+
+
+def test_tls_echo_answers_a_clean_tls_shutdown(short_tmp: Path) -> None:
+    cafile = short_tmp / "ca.pem"
+    with run_example("tls_echo", "--port", "0", "--cafile", str(cafile)) as example:
+        host, port = example.listening(1)["TLS"]
+        context = ssl.create_default_context(cafile=str(cafile))
+        with connect((host, port)) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                assert LineClient(tls).ask(b"bye\n") == b"bye\n"
+                # Sends our close_notify and waits for the server's: a
+                # client can then tell a complete reply from a truncated one.
+                tls.unwrap()
+        example.stop()
+
+
+def openssl_echo(openssl: str, host: str, port: int, cafile: Path) -> None:
+    argv = [openssl, "s_client", "-quiet", "-no_ign_eof", "-verify_return_error"]
+    argv += ["-connect", f"{host}:{port}", "-CAfile", str(cafile)]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        reader = _LineReader(proc.stdout)
+        proc.stdin.write("hello from openssl\n")
+        proc.stdin.flush()
+        assert reader.next_line(IO_TIMEOUT) == "hello from openssl"
+        proc.stdin.close()  # end of input: s_client closes and exits
+        assert proc.wait(timeout=EXIT_TIMEOUT) == 0
+        reader.join()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=EXIT_TIMEOUT)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_tls_echo_default_cafile_is_a_temp_file_removed_at_exit() -> None:
+    cafile = None
+    try:
+        with run_example("tls_echo", "--port", "0") as example:
+            line = example.stdout.next_line()
+            assert line is not None
+            assert line.startswith("CA certificate: "), line
+            cafile = Path(line.removeprefix("CA certificate: "))
+            host, port = example.listening(1)["TLS"]
+            context = ssl.create_default_context(cafile=str(cafile))
+            with connect((host, port)) as raw:
+                with context.wrap_socket(raw, server_hostname=host) as tls:
+                    assert LineClient(tls).ask(b"hi\n") == b"hi\n"
+            example.stop()
+        assert not cafile.exists()
+    finally:
+        # A failed test kills the example before it can clean up.
+        if cafile is not None:
+            cafile.unlink(missing_ok=True)
+
+
+# -- kv_store -----------------------------------------------------------------
+
+
+def test_kv_store_commands_and_errors(short_tmp: Path) -> None:
+    data = short_tmp / "kv.json"
+    with run_example("kv_store", "--port", "0", "--data", str(data)) as example:
+        address = example.listening(1)["TCP"]
+        with line_client(address) as client:
+            assert client.ask(b"GET greeting\n") == b"NOT_FOUND\n"
+            assert client.ask(b"SET greeting hello,  world\r\n") == b"OK\n"
+            assert client.ask(b"GET greeting\n") == b"VALUE hello,  world\n"
+            assert client.ask(b"SET greeting hi\n") == b"OK\n"
+            assert client.ask(b"GET greeting\n") == b"VALUE hi\n"
+            # Malformed commands get an ERROR, and the connection goes on.
+            for bad in (b"\n", b"FROB x\n", b"GET\n", b"SET lonely\n", b"\xff\xfe\n"):
+                assert client.ask(bad).startswith(b"ERROR "), bad
+            assert client.ask(b"DEL greeting\n") == b"OK\n"
+            assert client.ask(b"DEL greeting\n") == b"NOT_FOUND\n"
+            assert client.ask(b"GET greeting\n") == b"NOT_FOUND\n"
+        # Another connection sees the same store.
+        with line_client(address) as client:
+            assert client.ask(b"SET shared yes\n") == b"OK\n"
+        with line_client(address) as client:
+            assert client.ask(b"GET shared\n") == b"VALUE yes\n"
+        stdout, _ = example.stop()
+    assert "saved 1 keys" in stdout
+
+
+def test_kv_store_keeps_its_data_across_a_graceful_restart(short_tmp: Path) -> None:
+    data = short_tmp / "kv.json"
+    args = ["--port", "0", "--data", str(data)]
+    with run_example("kv_store", *args) as example:
+        address = example.listening(1)["TCP"]
+        with line_client(address) as client:
+            assert client.ask(b"SET city Zurich am See\n") == b"OK\n"
+            assert client.ask("SET café crème\n".encode()) == b"OK\n"
+            # SIGTERM with the client still connected and idle.
+            example.stop()
+    assert json.loads(data.read_text(encoding="utf-8")) == {
+        "city": "Zurich am See",
+        "café": "crème",
+    }
+    assert not Path(f"{data}.tmp").exists()
+    with run_example("kv_store", *args) as example:
+        address = example.listening(1)["TCP"]
+        with line_client(address) as client:
+            assert client.ask(b"GET city\n") == b"VALUE Zurich am See\n"
+            assert client.ask("GET café\n".encode()) == "VALUE crème\n".encode()
+        example.stop()
+
+
+# -- embedded -----------------------------------------------------------------
+
+
+def counters(line: str) -> dict[str, int]:
+    """``stats: ServerStats(accepted=1, active=0, ...)`` as a dict."""
+    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", line)}
+
+
+def wait_for_stats(example: Example, **expected: int) -> None:
+    """Read stats lines until one shows the ``expected`` counters."""
+    while True:
+        line = example.stdout.wait_for("stats: ")
+        if counters(line).items() >= expected.items():
+            return
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=signal_name)
+def test_embedded_serves_beside_a_stats_task(signum: int) -> None:
+    with run_example("embedded", "--port", "0", "--interval", "0.1") as example:
+        address = example.listening(1)["TCP"]
+        with line_client(address) as client:
+            assert client.ask(b"hello\n") == b"hello\n"
+        # The application's other task reports while the server serves.
+        wait_for_stats(example, accepted=1, active=0, completed=1)
+        with line_client(address) as client:
+            assert client.ask(b"again\n") == b"again\n"
+            wait_for_stats(example, accepted=2, active=1)
+            # The signal comes with the client connected and idle.
+            example.proc.send_signal(signum)
+            assert client.readline() == b""
+        stdout, stderr = example.finish()
+    [final] = [line for line in stdout.splitlines() if line.startswith("final stats")]
+    assert (
+        counters(final).items() >= {"accepted": 2, "active": 0, "completed": 2}.items()
+    )
+    assert f"{signal_name(signum)}: shutting down" in stderr
+
+
+# -- all of them --------------------------------------------------------------
+
+EXAMPLE_NAMES = [
+    "allow_list",
+    "chat",
+    "embedded",
+    "kv_store",
+    "multi_protocol",
+    "tcp_echo",
+    "tls_echo",
+    "udp_echo",
+]
+
+
+def test_every_example_is_tested_here() -> None:
+    assert sorted(path.stem for path in EXAMPLES.glob("*.py")) == EXAMPLE_NAMES
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_help_shows_how_to_try_it(name: str) -> None:
+    with run_example(name, "--help") as example:
+        rc = example.proc.wait(timeout=EXIT_TIMEOUT)
+        stdout, stderr = example.stdout.join(), example.stderr.join()
+    assert rc == 0, stderr
+    assert "Try it" in stdout
+    assert "--port" in stdout
+    assert stderr == ""
