@@ -601,6 +601,7 @@ async def test_counters_add_up() -> None:
         assert stats.accepted == (
             stats.rejected
             + stats.dropped
+            + stats.disconnected
             + stats.completed
             + stats.failed
             + stats.timed_out
@@ -703,3 +704,42 @@ async def test_oversized_datagram_is_dropped_and_counted(
             assert await client.recv(100) == b"FITS\n"
     assert (udp.stats.malformed, udp.stats.accepted, udp.stats.completed) == (1, 1, 1)
     assert "max_packet_size" in caplog.text
+
+
+async def test_a_peer_that_resets_mid_response_is_logged_at_debug_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import struct
+
+    caplog.set_level(logging.DEBUG, logger="trioserve")
+    started, ended = trio.Event(), trio.Event()
+
+    class Firehose(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            if await self.rfile.readline() == b"go\n":
+                started.set()
+                while True:  # until the peer is gone
+                    await self.wfile.write(b"x" * 65536)
+            await self.wfile.write(b"ok\n")
+
+        async def finish(self) -> None:
+            if started.is_set():
+                ended.set()
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Firehose)) as server:
+        client = await connect(server)
+        await client.send_all(b"go\n")
+        await started.wait()
+        # SO_LINGER with a zero timeout: close sends a reset, not a FIN.
+        linger = struct.pack("ii", 1, 0)
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        await client.aclose()
+        with trio.fail_after(5):
+            await ended.wait()
+        async with await connect(server) as other:
+            assert await roundtrip(other, b"\n") == b"ok\n"
+    assert server.stats.disconnected >= 1
+    assert server.stats.failed == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert "went away mid-request" in caplog.text

@@ -462,6 +462,8 @@ class BaseServer:
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 stats.timed_out += 1
+            elif isinstance(exc, trio.BrokenResourceError):
+                stats.disconnected += 1
             else:
                 stats.failed += 1
             await self.handle_error(request, client_address)
@@ -583,8 +585,16 @@ class BaseServer:
         Awaited from inside the ``except`` block, so :func:`sys.exception`
         (or :func:`sys.exc_info`) gives the exception. The default logs it
         with its traceback and the client address on the ``trioserve``
-        logger, at ERROR level.
+        logger, at ERROR level; except :exc:`trio.BrokenResourceError`, a
+        peer that reset or vanished mid-request, which public servers see
+        all day: that is one line at DEBUG level.
         """
+        error = sys.exc_info()[1]
+        if isinstance(error, trio.BrokenResourceError):
+            LOGGER.debug(
+                "%r went away mid-request: %r", client_address, error.__cause__ or error
+            )
+            return
         LOGGER.error(
             "exception while handling the request from %r",
             client_address,

@@ -10,11 +10,11 @@ class ServerStats:
     """What a server has done so far; read it at any time as ``server.stats``.
 
     Every accepted request ends in exactly one of ``rejected``, ``dropped``,
-    ``completed``, ``failed``, ``timed_out`` or ``cancelled``, or is still
-    ``active``::
+    ``completed``, ``failed``, ``timed_out``, ``disconnected`` or
+    ``cancelled``, or is still ``active``::
 
         accepted == (rejected + dropped + completed + failed + timed_out
-                     + cancelled + active)
+                     + disconnected + cancelled + active)
 
     The counters accumulate over the server's life, across restarts of
     ``serve_forever``.
@@ -37,6 +37,9 @@ class ServerStats:
     #: Requests whose handler raised :exc:`TimeoutError` (a read or write
     #: that made no progress for the handler's ``timeout``).
     timed_out: int = 0
+    #: Requests ended by :exc:`trio.BrokenResourceError`: the peer reset the
+    #: connection or vanished mid-request.
+    disconnected: int = 0
     #: Requests cancelled before they finished: still running when the
     #: shutdown grace period ran out, or when the server was cancelled.
     cancelled: int = 0
