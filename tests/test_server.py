@@ -738,7 +738,9 @@ async def test_a_peer_that_resets_mid_response_is_logged_at_debug_and_counted(
             await ended.wait()
         async with await connect(server) as other:
             assert await roundtrip(other, b"\n") == b"ok\n"
-    assert server.stats.disconnected >= 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.stats.disconnected == 1
+    assert server.stats.disconnected == 1
     assert server.stats.failed == 0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
