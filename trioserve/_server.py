@@ -113,12 +113,16 @@ class _Serving:
         self.peers[peer] = count + 1
         return True
 
-    def release(self, client_address: Any, limit: int | None) -> None:
-        """Give back what an admitted request held: its slot and its peer count."""
+    def release_slot(self) -> None:
+        """Give back a ``max_concurrent_requests`` slot."""
         if self.slots is not None:
             self.slots.release()
+
+    def release(self, client_address: Any) -> None:
+        """Give back what an admitted request held: its slot and its peer count."""
+        self.release_slot()
         peer = _peer_of(client_address)
-        if limit is not None and peer is not None:
+        if peer in self.peers:
             count = self.peers.pop(peer) - 1
             if count:
                 self.peers[peer] = count
@@ -381,12 +385,10 @@ class BaseServer:
             try:
                 accepted = await self._next_request(source)
             except BaseException:
-                if serving.slots is not None:
-                    serving.slots.release()
+                serving.release_slot()
                 raise
             if accepted is None:
-                if serving.slots is not None:
-                    serving.slots.release()
+                serving.release_slot()
                 return
             await self._handle_accepted(serving, *accepted)
 
@@ -426,8 +428,7 @@ class BaseServer:
             self.stats.rejected += 1
             LOGGER.debug("refused %r: at max_connections_per_peer", client_address)
             await self._close_request(request)
-            if serving.slots is not None:
-                serving.slots.release()
+            serving.release_slot()
             return
         handed_off = False
         try:
@@ -442,7 +443,7 @@ class BaseServer:
         finally:
             if not handed_off:
                 await self._close_request(request)
-                serving.release(client_address, limit)
+                serving.release(client_address)
 
     async def _request_task(
         self, serving: _Serving, request: Any, client_address: Any
@@ -473,7 +474,7 @@ class BaseServer:
         finally:
             stats.active -= 1
             await self._close_request(request)
-            serving.release(connected_from, self.max_connections_per_peer)
+            serving.release(connected_from)
 
     async def _prepare_request(
         self, request: Any, client_address: Any
