@@ -46,6 +46,7 @@ async def test_tcp_and_unix_listeners_share_one_server(sock_dir: str) -> None:
         for address in server.server_addresses:
             async with await open_stream(address) as client:
                 assert await roundtrip(client, b"hi\n") == b"hi\n"
+        await trio.testing.wait_all_tasks_blocked()  # the handlers saw EOF
         assert server.stats.completed == len(server.server_addresses)
     # One server_close closed every listener and removed the socket file.
     assert all(sock.fileno() == -1 for sock in server.sockets)
