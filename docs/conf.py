@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import attrs
 from sphinx.ext.napoleon import Config as NapoleonConfig
 from sphinx.ext.napoleon import GoogleDocstring
 
@@ -116,22 +117,28 @@ def _google_sections(app, what, name, obj, options, lines):
         lines[:] = docstring.lines()
 
 
-def _public_bases(app, name, obj, options, bases):
-    """Show a private base class (``_UnixSocketFile``) as its public parent."""
-    public = []
-    for base in bases:
-        while base.__name__.startswith("_") and base.__bases__:
-            base = base.__bases__[0]
-        public.append(base)
-    # UnixDatagramServer's bases become TCPServer and UDPServer: naming
-    # UDPServer says it all, so drop a base that another one derives from.
-    bases[:] = [
-        base
-        for base in dict.fromkeys(public)
-        if not any(other is not base and issubclass(other, base) for other in public)
-    ]
+def _attrs_signature(app, what, name, obj, options, signature, return_annotation):
+    """Show an attrs class's fields with their defaults (``accepted=0``).
+
+    attrs writes ``__init__`` itself, and with ``autodoc_preserve_defaults``
+    its defaults would show as the source it generated
+    (``attr_dict['accepted'].default``).
+    """
+    if what != "class" or not attrs.has(obj):
+        return None
+    parameters = []
+    for field in attrs.fields(obj):
+        if not field.init:
+            continue
+        if field.default is attrs.NOTHING:
+            parameters.append(field.name)
+        elif isinstance(field.default, attrs.Factory):
+            parameters.append(f"{field.name}=...")
+        else:
+            parameters.append(f"{field.name}={field.default!r}")
+    return f"({', '.join(parameters)})", return_annotation
 
 
 def setup(app):
     app.connect("autodoc-process-docstring", _google_sections)
-    app.connect("autodoc-process-bases", _public_bases)
+    app.connect("autodoc-process-signature", _attrs_signature)
