@@ -95,7 +95,8 @@ def format_address(address: Any) -> str:
 
 def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     listeners = parser.add_argument_group(
-        "listeners (each repeatable; several make several servers in one process)"
+        "listeners (each repeatable; all stream listeners share one server, "
+        "all datagram listeners another)"
     )
     listeners.add_argument(
         "--tcp",

@@ -113,6 +113,7 @@ class StreamRequestHandler(BaseRequestHandler):
     wfile: AsyncBufferedWriter
 
     async def setup(self) -> None:
+        """Set ``connection``, ``rfile`` and ``wfile``; call it from an override."""
         self.connection = self.request
         self.rfile = AsyncBufferedReader(
             self.connection,
@@ -127,6 +128,7 @@ class StreamRequestHandler(BaseRequestHandler):
         )
 
     async def finish(self) -> None:
+        """Flush ``wfile``; call it from an override."""
         # If the peer has gone, there is nobody left to deliver to.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.wfile.flush()
@@ -154,6 +156,7 @@ class DatagramRequestHandler(BaseRequestHandler):
     wfile: AsyncPacketWriter
 
     async def setup(self) -> None:
+        """Set ``packet``, ``socket``, ``rfile``, ``wfile``; call it from an override."""
         self.packet, self.socket = self.request
         self.rfile = AsyncBufferedReader.from_bytes(
             self.packet, max_line_length=self.max_line_length
@@ -161,6 +164,7 @@ class DatagramRequestHandler(BaseRequestHandler):
         self.wfile = AsyncPacketWriter()
 
     async def finish(self) -> None:
+        """Send the reply written to ``wfile``, if any; call it from an override."""
         reply = self.wfile.getvalue()
         # A Unix datagram client that did not bind a path has no address.
         if reply and self.client_address:

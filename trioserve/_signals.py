@@ -30,8 +30,10 @@ async def serve_until_signalled(
     address fails before anything serves), then each runs
     :meth:`~BaseServer.serve_forever`, and ``task_status.started()`` reports
     their real addresses. The first SIGINT or SIGTERM starts a graceful
-    :meth:`~BaseServer.shutdown` of all of them at once and logs how many
-    requests are in flight; a second one cancels the requests still running.
+    :meth:`~BaseServer.shutdown` of all of them at once, closes their
+    listening sockets at once (so new clients are refused while the requests
+    in flight finish), and logs how many requests are in flight; a second
+    signal cancels the requests still running.
     SIGHUP is logged and otherwise ignored, so closing a terminal does not
     kill the service. Every server is closed before this returns.
 
@@ -52,6 +54,11 @@ async def serve_until_signalled(
                     async with trio.open_nursery() as shutdowns:
                         for server in servers:
                             shutdowns.start_soon(server.shutdown)
+                        # Stop listening at once: a load balancer's health
+                        # check then fails and new clients are refused, not
+                        # left in the backlog to be reset after the grace.
+                        for server in servers:
+                            await server.server_close()
                     # Every serve_forever has returned; stop watching signals.
                     nursery.cancel_scope.cancel()
 

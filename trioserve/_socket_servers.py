@@ -101,7 +101,9 @@ class TCPServer(BaseServer):
     #: send its PROXY header. A handshake that fails or runs out of time
     #: drops the connection: logged at DEBUG and counted in
     #: ``stats.dropped``, not reported to ``handle_error``, since port
-    #: scanners and plain-text clients do it all day.
+    #: scanners and plain-text clients do it all day. (A missing or bad
+    #: PROXY header is dropped too, but logged at WARNING: it means a
+    #: misconfigured proxy or a client going around it.)
     handshake_timeout: float = 10.0
     #: Whether each connection starts with a PROXY protocol header (HAProxy's
     #: spec) giving the real client's address: ``"off"``, ``"v1"``, ``"v2"``,

@@ -11,10 +11,7 @@ class ServerStats:
 
     Every accepted request ends in exactly one of ``rejected``, ``dropped``,
     ``completed``, ``failed``, ``timed_out``, ``disconnected`` or
-    ``cancelled``, or is still ``active``::
-
-        accepted == (rejected + dropped + completed + failed + timed_out
-                     + disconnected + cancelled + active)
+    ``cancelled``, or is still ``active``: ``accepted`` is their sum.
 
     The counters accumulate over the server's life, across restarts of
     ``serve_forever``.
@@ -27,15 +24,18 @@ class ServerStats:
     #: Requests whose handler returned normally.
     completed: int = 0
     #: Requests whose handler (or ``verify_request``) raised an exception
-    #: other than :exc:`TimeoutError`; ``handle_error`` saw each of them.
+    #: other than :exc:`TimeoutError` and :exc:`trio.BrokenResourceError`;
+    #: ``handle_error`` saw each of them.
     failed: int = 0
     #: Requests refused by ``verify_request`` or by ``max_connections_per_peer``.
     rejected: int = 0
     #: Requests dropped before their handler ran, without troubling
     #: ``handle_error``: a TLS handshake that failed or timed out.
     dropped: int = 0
-    #: Requests whose handler raised :exc:`TimeoutError` (a read or write
-    #: that made no progress for the handler's ``timeout``).
+    #: Requests that ran out of time and raised :exc:`TimeoutError`: a read
+    #: or write that made no progress for the handler's ``timeout``, a
+    #: message not complete within ``idle_timeout``, or a request past its
+    #: ``request_timeout``.
     timed_out: int = 0
     #: Requests ended by :exc:`trio.BrokenResourceError`: the peer reset the
     #: connection or vanished mid-request.
