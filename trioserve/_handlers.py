@@ -156,7 +156,7 @@ class DatagramRequestHandler(BaseRequestHandler):
     wfile: AsyncPacketWriter
 
     async def setup(self) -> None:
-        """Set ``packet``, ``socket``, ``rfile``, ``wfile``; call it from an override."""
+        """Set ``packet``, ``socket``, ``rfile``, ``wfile``; call from an override."""
         self.packet, self.socket = self.request
         self.rfile = AsyncBufferedReader.from_bytes(
             self.packet, max_line_length=self.max_line_length
