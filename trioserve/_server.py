@@ -128,6 +128,17 @@ class _Serving:
                 self.peers[peer] = count
 
 
+def _consists_of(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error`` is a ``kind``, or a group of nothing but ``kind``s.
+
+    A handler's own nursery wraps what its tasks raise in an exception group,
+    so a reset seen by a relay task arrives as a group of one.
+    """
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(kind)[1] is None
+    return isinstance(error, kind)
+
+
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
@@ -461,9 +472,9 @@ class BaseServer:
                 await self._finish_within_deadline(request, client_address)
                 stats.completed += 1
         except Exception as exc:
-            if isinstance(exc, TimeoutError):
+            if _consists_of(exc, TimeoutError):
                 stats.timed_out += 1
-            elif isinstance(exc, trio.BrokenResourceError):
+            elif _consists_of(exc, trio.BrokenResourceError):
                 stats.disconnected += 1
             else:
                 stats.failed += 1
@@ -591,10 +602,8 @@ class BaseServer:
         all day: that is one line at DEBUG level.
         """
         error = sys.exc_info()[1]
-        if isinstance(error, trio.BrokenResourceError):
-            LOGGER.debug(
-                "%r went away mid-request: %r", client_address, error.__cause__ or error
-            )
+        if error is not None and _consists_of(error, trio.BrokenResourceError):
+            LOGGER.debug("%r went away mid-request: %r", client_address, error)
             return
         LOGGER.error(
             "exception while handling the request from %r",

@@ -97,8 +97,8 @@ class TCPServer(BaseServer):
     allow_reuse_port: bool = False
     #: The listen backlog (socketserver: 5); the kernel caps it.
     request_queue_size: int = DEFAULT_REQUEST_QUEUE_SIZE
-    #: Seconds a client has to complete its TLS handshake, and a proxy to
-    #: send its PROXY header. A handshake that fails or runs out of time
+    #: Seconds a new connection has for its PROXY header and TLS handshake,
+    #: together. A handshake that fails or runs out of time
     #: drops the connection: logged at DEBUG and counted in
     #: ``stats.dropped``, not reported to ``handle_error``, since port
     #: scanners and plain-text clients do it all day. (A missing or bad
@@ -363,24 +363,48 @@ class TCPServer(BaseServer):
     async def _prepare_request(
         self, request: Any, client_address: Any
     ) -> tuple[Any, Any] | None:
-        if self.proxy_protocol != "off":
-            proxied = await self._read_proxy_header(request, client_address)
-            if proxied is None:
-                return None
-            client_address = proxied
-        if self.ssl_context is None:
+        if self.proxy_protocol == "off" and self.ssl_context is None:
             return await super()._prepare_request(request, client_address)
-        stream = trio.SSLStream(request, self.ssl_context, server_side=True)
-        with trio.move_on_after(self.handshake_timeout) as deadline:
+        with trio.move_on_after(self.handshake_timeout):
+            if not await self._first_byte_before_shutdown(request):
+                LOGGER.debug(
+                    "closed %r: shutting down, and it sent nothing", client_address
+                )
+                return None
+            if self.proxy_protocol != "off":
+                client_address = await self._read_proxy_header(request, client_address)
+                if client_address is None:
+                    return None
+            if self.ssl_context is None:
+                return request, client_address
+            stream = trio.SSLStream(request, self.ssl_context, server_side=True)
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 LOGGER.debug("TLS handshake with %r failed: %r", client_address, exc)
                 return None
-        if deadline.cancelled_caught:
+            return stream, client_address
+        if self.proxy_protocol != "off":
+            LOGGER.warning("closed %r: no PROXY header in time", client_address)
+        else:
             LOGGER.debug("TLS handshake with %r timed out", client_address)
-            return None
-        return stream, client_address
+        return None
+
+    async def _first_byte_before_shutdown(self, stream: trio.SocketStream) -> bool:
+        """Wait until the client sends something; False if shutdown starts first.
+
+        A connection that has not spoken yet is idle, like one between
+        messages: shutdown lets it go at once instead of waiting out the
+        grace period for a handshake that may never come.
+        """
+        signal = self._shutdown_signal
+        scope = signal.open_idle_scope()
+        try:
+            with scope:
+                await trio.lowlevel.wait_readable(stream.socket)
+        finally:
+            signal.close_idle_scope(scope)
+        return not scope.cancelled_caught
 
     async def _read_proxy_header(self, stream: trio.abc.Stream, peer: Any) -> Any:
         """The client address a trusted proxy's header gives; None to drop."""
@@ -389,18 +413,13 @@ class TCPServer(BaseServer):
             return None
         parser = ProxyHeaderParser(cast(ProxyMode, self.proxy_protocol))
         header = None
-        with trio.move_on_after(self.handshake_timeout):
-            try:
-                # Ask for no more than the header can still hold, so that
-                # what follows it stays in the socket for the handler.
-                while header is None:
-                    data = await stream.receive_some(parser.next_needed)
-                    header = parser.feed(data)
-            except (ProxyProtocolError, trio.BrokenResourceError) as exc:
-                LOGGER.warning("closed a connection from %r: %s", peer, exc)
-                return None
-        if header is None:
-            LOGGER.warning("closed a connection from %r: no PROXY header in time", peer)
+        try:
+            # Ask for no more than the header can still hold, so that what
+            # follows it stays in the socket for the TLS layer or the handler.
+            while header is None:
+                header = parser.feed(await stream.receive_some(parser.next_needed))
+        except (ProxyProtocolError, trio.BrokenResourceError) as exc:
+            LOGGER.warning("closed a connection from %r: %s", peer, exc)
             return None
         return peer if header.source is None else header.source
 
