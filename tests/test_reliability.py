@@ -703,7 +703,7 @@ async def test_peers_that_reset_are_logged_at_debug_and_counted(
     assert_stats_add_up(server.stats)
     records = [r for r in caplog.records if r.name == "trioserve"]
     assert [r for r in records if r.levelno >= logging.WARNING] == []
-    went_away = [r for r in records if "went away mid-request" in r.getMessage()]
+    went_away = [r for r in records if "connection lost mid-request" in r.getMessage()]
     assert len(went_away) == 2 * each
     assert {r.levelno for r in went_away} == {logging.DEBUG}
 
@@ -1042,12 +1042,12 @@ async def test_hostile_input_closes_the_offender_and_memory_stays_bounded(
     assert stats["failed"] == offenders, stats
     assert stats["disconnected"] == 0, stats
     assert stats["completed"] == stats["accepted"] - offenders, stats
-    # One clear line per offender, with the client's address, then its
-    # traceback, which ends in the LineTooLong and its reason.
-    assert stderr.count("exception while handling the request from") == offenders
-    too_long = f"LineTooLong: line longer than max_line_length ({limit} bytes)"
+    # One clear line per offender, with the client's address and the
+    # reason; no traceback, since the fault is the peer's, not the server's.
+    assert stderr.count("WARNING trioserve: line too long from") == offenders
+    too_long = f"line longer than max_line_length ({limit} bytes)"
     assert stderr.count(too_long) == offenders, stderr[-3000:]
-    assert stderr.count("Traceback") == offenders
+    assert stderr.count("Traceback") == 0
     growth_mib = (peak - baseline) / 1024
     assert growth_mib < 64, f"peak memory grew {growth_mib:.1f} MiB"
     report(

@@ -556,7 +556,7 @@ async def test_line_too_long_closes_only_that_connection(
                         break  # closed with our bytes unread: a reset
             assert await roundtrip(good, b"after\n") == b"after\n"
     assert server.stats.failed == 1
-    assert "LineTooLong" in caplog.text
+    assert "line too long from" in caplog.text
 
 
 async def test_handler_timeout_raises_timeout_error_and_is_counted(
@@ -744,4 +744,4 @@ async def test_a_peer_that_resets_mid_response_is_logged_at_debug_and_counted(
     assert server.stats.failed == 0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
-    assert "went away mid-request" in caplog.text
+    assert "connection lost mid-request" in caplog.text

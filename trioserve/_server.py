@@ -20,6 +20,7 @@ import trio
 from ._handlers import BaseRequestHandler, run_handler
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
+from ._streams import LineTooLong
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -126,6 +127,15 @@ class _Serving:
             count = self.peers.pop(peer) - 1
             if count:
                 self.peers[peer] = count
+
+
+# What peers cause in the normal run of a public server, and how the default
+# handle_error reports each: one line at this level, no traceback.
+_PEER_ERRORS: Final = (
+    (trio.BrokenResourceError, logging.DEBUG, "connection lost mid-request from"),
+    (TimeoutError, logging.INFO, "request timed out from"),
+    (LineTooLong, logging.WARNING, "line too long from"),
+)
 
 
 def _consists_of(error: BaseException, kind: type[BaseException]) -> bool:
@@ -597,14 +607,17 @@ class BaseServer:
         Awaited from inside the ``except`` block, so :func:`sys.exception`
         (or :func:`sys.exc_info`) gives the exception. The default logs it
         with its traceback and the client address on the ``trioserve``
-        logger, at ERROR level; except :exc:`trio.BrokenResourceError`, a
-        peer that reset or vanished mid-request, which public servers see
-        all day: that is one line at DEBUG level.
+        logger, at ERROR level. What peers cause all day on a public server
+        gets one line without a traceback instead: a peer that reset or
+        vanished (:exc:`trio.BrokenResourceError`) at DEBUG, a timeout
+        (:exc:`TimeoutError`) at INFO, and a line over ``max_line_length``
+        (:exc:`~trioserve.LineTooLong`) at WARNING.
         """
         error = sys.exc_info()[1]
-        if error is not None and _consists_of(error, trio.BrokenResourceError):
-            LOGGER.debug("%r went away mid-request: %r", client_address, error)
-            return
+        for kind, level, what in _PEER_ERRORS:
+            if error is not None and _consists_of(error, kind):
+                LOGGER.log(level, "%s %r: %s", what, client_address, error)
+                return
         LOGGER.error(
             "exception while handling the request from %r",
             client_address,
