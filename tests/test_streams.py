@@ -923,3 +923,38 @@ def test_line_too_long_exactly_when_a_line_exceeds_the_limit(
         assert raised
         assert lines == expected[:first_bad]
         assert buffered <= max_line_length + receive_size
+
+
+async def test_ready_reads_still_checkpoint_so_a_flood_cannot_starve_others() -> None:
+    # A peer that keeps the socket full would let a reader run without ever
+    # yielding; the reader must checkpoint every READY_OPERATIONS_PER_CHECKPOINT
+    # ready reads, so that other tasks (here a ticker) get their turn.
+    from trioserve._streams import READY_OPERATIONS_PER_CHECKPOINT
+
+    left, right = trio.socket.socketpair()
+    async with trio.SocketStream(left) as server_side, trio.SocketStream(right) as peer:
+        await peer.send_all(b"x" * 32768)  # fits the socket buffers: all ready
+        reader = AsyncBufferedReader(server_side, receive_size=16)
+        reads_since_tick = worst = ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal reads_since_tick, worst, ticks
+            while not done:
+                await trio.lowlevel.checkpoint()
+                ticks += 1
+                worst = max(worst, reads_since_tick)
+                reads_since_tick = 0
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            for _ in range(1000):
+                assert await reader.read1() == b"x" * 16
+                reads_since_tick += 1
+            done = True
+        # Without the checkpoints the ticker would not run until the reader
+        # had done all 1000 reads. (Trio runs each batch of tasks in random
+        # order, so the ticker may see a few of the reader's stretches at
+        # once: the bound is loose, the difference is not.)
+        assert worst <= 4 * READY_OPERATIONS_PER_CHECKPOINT
+        assert ticks >= 1000 // (4 * READY_OPERATIONS_PER_CHECKPOINT)
