@@ -929,7 +929,7 @@ async def test_ready_reads_still_checkpoint_so_a_flood_cannot_starve_others() ->
     # A peer that keeps the socket full would let a reader run without ever
     # yielding; the reader must checkpoint every READY_OPERATIONS_PER_CHECKPOINT
     # ready reads, so that other tasks (here a ticker) get their turn.
-    from trioserve._streams import READY_OPERATIONS_PER_CHECKPOINT
+    from trioserve._socketio import READY_OPERATIONS_PER_CHECKPOINT
 
     left, right = trio.socket.socketpair()
     async with trio.SocketStream(left) as server_side, trio.SocketStream(right) as peer:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._socketio import send_datagram
 from ._streams import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_RECEIVE_SIZE,
@@ -168,4 +169,4 @@ class DatagramRequestHandler(BaseRequestHandler):
         reply = self.wfile.getvalue()
         # A Unix datagram client that did not bind a path has no address.
         if reply and self.client_address:
-            await self.socket.sendto(reply, self.client_address)
+            await send_datagram(self.socket, reply, self.client_address)

@@ -18,6 +18,7 @@ import trio
 from ._handlers import BaseRequestHandler
 from ._proxy import ProxyHeaderParser, ProxyMode, ProxyProtocolError
 from ._server import DEFAULT, BaseServer, _Default
+from ._socketio import Pacer, receive_datagram
 
 LOGGER = logging.getLogger("trioserve")
 
@@ -474,6 +475,11 @@ class UDPServer(TCPServer):
     #: The longest datagram handled, in bytes.
     max_packet_size: int = 8192
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Paces the ready receives of every listener's accept loop.
+        self._pacer = Pacer()
+
     async def server_activate(self) -> None:
         """Nothing to do: datagram sockets do not listen."""
         await trio.lowlevel.checkpoint()
@@ -488,7 +494,9 @@ class UDPServer(TCPServer):
         """
         sock = self.socket if listener is None else listener
         while True:
-            data, _, flags, client_address = await sock.recvmsg(self.max_packet_size)
+            data, flags, client_address = await receive_datagram(
+                sock, self.max_packet_size, self._pacer
+            )
             if not flags & stdlib_socket.MSG_TRUNC:
                 return (data, sock), client_address
             self.stats.malformed += 1

@@ -10,8 +10,6 @@ byte. Together these keep reading linear in the bytes received.
 
 from __future__ import annotations
 
-import errno
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +18,7 @@ from functools import partial
 import trio
 
 from ._shutdown import ShutdownSignal
+from ._socketio import SocketIO
 
 #: How many bytes one receive asks the stream for, unless told otherwise.
 DEFAULT_RECEIVE_SIZE = 65536
@@ -28,13 +27,6 @@ DEFAULT_RECEIVE_SIZE = 65536
 #: told otherwise. Without a bound, a peer that never sends ``\n`` makes the
 #: buffer grow until the process runs out of memory.
 DEFAULT_MAX_LINE_LENGTH = 65536
-
-# Reads and writes that find a TCP or Unix socket ready complete at once,
-# without a trip through Trio's scheduler, which is most of the cost of a
-# small read or write. After this many in a row a task checkpoints anyway, so
-# a peer that floods us cannot starve the other connections, and
-# cancellation is noticed.
-READY_OPERATIONS_PER_CHECKPOINT = 32
 
 # A write under a timeout is sent in pieces of at most this many bytes, each
 # with its own deadline: the timeout bounds how long the peer may leave us
@@ -56,77 +48,6 @@ def _nbytes(data: bytes | bytearray | memoryview) -> int:
     # len() of a memoryview counts items, which are wider than bytes for
     # formats such as "I"; a write reports bytes, as io's do.
     return data.nbytes if isinstance(data, memoryview) else len(data)
-
-
-class _SocketIO:
-    """Non-blocking reads and writes straight on a SocketStream's socket.
-
-    Trio's own path checkpoints twice per operation even when the socket is
-    ready; this one goes through Trio only to wait, with
-    ``wait_readable``/``wait_writable``, and checkpoints every
-    :data:`READY_OPERATIONS_PER_CHECKPOINT` ready operations. Errors are
-    Trio's: :exc:`trio.BrokenResourceError` for a reset or a broken pipe,
-    :exc:`trio.ClosedResourceError` for a closed socket.
-    """
-
-    __slots__ = ("_ready", "_sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._ready = 0
-
-    @classmethod
-    def of(cls, stream: object) -> _SocketIO | None:
-        """The fast path for ``stream``, if it is a plain SocketStream."""
-        if type(stream) is not trio.SocketStream:
-            return None
-        # Trio's socket wraps the stdlib one as _sock; if a Trio release
-        # changes that, we lose only the fast path.
-        sock = getattr(stream.socket, "_sock", None)
-        return cls(sock) if isinstance(sock, socket.socket) else None
-
-    def try_receive(self, size: int) -> bytes | None:
-        """Up to ``size`` bytes (``b""`` at end of stream); None if none are ready."""
-        try:
-            return self._sock.recv(size)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise _trio_error(exc) from exc
-
-    async def receive(self, size: int) -> bytes:
-        """Wait for data, then return up to ``size`` bytes of it."""
-        while True:
-            await trio.lowlevel.wait_readable(self._sock)
-            data = self.try_receive(size)
-            if data is not None:
-                return data
-
-    def try_send(self, data: memoryview) -> int:
-        """Send what the socket takes now; return how many bytes (maybe 0)."""
-        try:
-            return self._sock.send(data, socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise _trio_error(exc) from exc
-
-    async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self._sock)
-
-    async def pace(self) -> None:
-        """Count a ready operation; checkpoint after enough of them in a row."""
-        self._ready += 1
-        if self._ready >= READY_OPERATIONS_PER_CHECKPOINT:
-            self._ready = 0
-            await trio.lowlevel.checkpoint()
-
-
-def _trio_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    # As SocketStream reports them.
-    if exc.errno == errno.EBADF:
-        return trio.ClosedResourceError("the socket was closed")
-    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 @contextmanager
@@ -199,7 +120,7 @@ class AsyncBufferedReader:
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self._shutdown_signal = shutdown_signal
-        self._io = _SocketIO.of(stream)
+        self._io = SocketIO.of_stream(stream)
 
     @classmethod
     def from_bytes(
@@ -377,7 +298,7 @@ class AsyncBufferedWriter:
         self._busy = False
         self.buffer_size = buffer_size
         self.timeout = timeout
-        self._io = _SocketIO.of(stream)
+        self._io = SocketIO.of_stream(stream)
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
         """Send ``data`` (or buffer it, see ``buffer_size``); return its length."""
@@ -421,7 +342,7 @@ class AsyncBufferedWriter:
                 if scope.cancelled_caught:
                     raise TimeoutError(f"peer took no data for {self.timeout} seconds")
 
-    async def _wait_writable(self, io: _SocketIO) -> None:
+    async def _wait_writable(self, io: SocketIO) -> None:
         if self.timeout is None:
             await io.wait_writable()
             return

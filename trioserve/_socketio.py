@@ -1,0 +1,135 @@
+"""Socket I/O that skips Trio's scheduler while the socket is ready.
+
+Trio's socket operations checkpoint twice each, even when the socket is
+ready: for a small read or write, that scheduler round trip is most of the
+cost. Here an operation first tries the non-blocking call; only if it would
+block does the task wait, with ``wait_readable``/``wait_writable``. A task
+that keeps finding its socket ready still checkpoints every
+:data:`READY_OPERATIONS_PER_CHECKPOINT` operations, so a peer that floods us
+cannot starve the other connections, and cancellation is noticed.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+import trio
+
+#: Ready operations a task may do in a row before it checkpoints anyway.
+READY_OPERATIONS_PER_CHECKPOINT = 32
+
+
+def stdlib_socket_of(sock: trio.socket.SocketType) -> socket.socket | None:
+    """The stdlib socket inside a Trio socket, or None if it cannot be had."""
+    # Trio's socket wraps the stdlib one as _sock; if a Trio release changes
+    # that, we lose only the fast path.
+    inner = getattr(sock, "_sock", None)
+    return inner if isinstance(inner, socket.socket) else None
+
+
+class Pacer:
+    """Counts ready operations; checkpoints after enough of them in a row."""
+
+    __slots__ = ("_ready",)
+
+    def __init__(self) -> None:
+        self._ready = 0
+
+    async def pace(self) -> None:
+        self._ready += 1
+        if self._ready >= READY_OPERATIONS_PER_CHECKPOINT:
+            self._ready = 0
+            await trio.lowlevel.checkpoint()
+
+
+class SocketIO(Pacer):
+    """Reads and writes on a connected stream socket, Trio only to wait.
+
+    Errors are the ones :class:`trio.SocketStream` raises:
+    :exc:`trio.BrokenResourceError` for a reset or a broken pipe,
+    :exc:`trio.ClosedResourceError` for a closed socket.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    @classmethod
+    def of_stream(cls, stream: object) -> SocketIO | None:
+        """The fast path for ``stream``, if it is a plain SocketStream."""
+        if type(stream) is not trio.SocketStream:
+            return None
+        sock = stdlib_socket_of(stream.socket)
+        return None if sock is None else cls(sock)
+
+    def try_receive(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes (``b""`` at end of stream); None if none are ready."""
+        try:
+            return self._sock.recv(size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _trio_error(exc) from exc
+
+    async def receive(self, size: int) -> bytes:
+        """Wait for data, then return up to ``size`` bytes of it."""
+        while True:
+            await trio.lowlevel.wait_readable(self._sock)
+            data = self.try_receive(size)
+            if data is not None:
+                return data
+
+    def try_send(self, data: memoryview) -> int:
+        """Send what the socket takes now; return how many bytes (maybe 0)."""
+        try:
+            return self._sock.send(data, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _trio_error(exc) from exc
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
+
+
+def _trio_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("the socket was closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def receive_datagram(
+    sock: trio.socket.SocketType, size: int, pacer: Pacer
+) -> tuple[bytes, int, Any]:
+    """The next datagram on ``sock``: ``(data, recvmsg flags, sender)``."""
+    inner = stdlib_socket_of(sock)
+    if inner is None:
+        data, _, flags, sender = await sock.recvmsg(size)
+        return data, flags, sender
+    while True:
+        try:
+            data, _, flags, sender = inner.recvmsg(size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(inner)
+        else:
+            await pacer.pace()
+            return data, flags, sender
+
+
+async def send_datagram(
+    sock: trio.socket.SocketType, data: bytes, address: Any
+) -> None:
+    """Send one datagram: at once if the socket takes it, else through Trio."""
+    inner = stdlib_socket_of(sock)
+    if inner is not None:
+        try:
+            inner.sendto(data, address)
+        except BlockingIOError:
+            pass
+        else:
+            return
+    await sock.sendto(data, address)
