@@ -98,6 +98,9 @@ def test_every_included_example_is_run_by_a_test() -> None:
         / "socket-activation": "test_socket_activated_units_serve_across_restart",
     }
     examples_tests = (REPO / "tests" / "test_examples.py").read_text(encoding="utf-8")
+    # examples/production, and the HAProxy configuration they run behind.
+    production = REPO / "tests" / "test_examples_production.py"
+    production_tests = production.read_text(encoding="utf-8")
     this_file = Path(__file__).read_text(encoding="utf-8")
     for page, _, path in included_files():
         if path.suffix == ".svg":
@@ -106,6 +109,11 @@ def test_every_included_example_is_run_by_a_test() -> None:
         if path.parent == EXAMPLES:
             assert f'"{path.stem}"' in examples_tests, (
                 f"{page.name} includes {path.name}, which test_examples.py never runs"
+            )
+        elif path.parent == EXAMPLES / "production" or path == DEPLOY / "haproxy.cfg":
+            name = path.stem if path.suffix == ".py" else path.name
+            assert f'"{name}"' in production_tests, (
+                f"{page.name} includes {path.name}, which {production.name} never runs"
             )
         else:
             runner = runners.get(path.parent)
