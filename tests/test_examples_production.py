@@ -284,12 +284,6 @@ def test_many_listeners_share_one_bound_one_shutdown_and_one_stats(
     assert not Path(unix_path).exists(), "the socket file was left behind"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trioserve bug: each listener's accept loop takes a "
-    "max_concurrent_requests slot before it waits for a connection, so idle "
-    "listeners hold slots that requests on a busy listener need",
-)
 def test_many_listeners_idle_listeners_hold_no_slots(sock_dir: Path) -> None:
     unix_path = str(sock_dir / "many.sock")
     args = ["--port", "0", "--ipv6-host", "", "--unix", unix_path]

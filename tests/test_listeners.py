@@ -151,3 +151,31 @@ async def test_a_failing_extra_listener_leaves_nothing_open(sock_dir: str) -> No
     assert caught.value.errno == errno.EADDRINUSE
     assert not await trio.Path(path).exists()  # the first listener's file went
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+async def test_requests_ready_on_several_listeners_at_once_are_all_served(
+    sock_dir: str,
+) -> None:
+    # Both listeners have a connection waiting before serving starts, so
+    # both win the race for the first request; neither may be lost.
+    path = os.path.join(sock_dir, "s")
+    server = trioserve.TCPServer(
+        ("127.0.0.1", 0), Echo, extra_addresses=[path], max_concurrent_requests=1
+    )
+    async with server:
+        tcp = await open_stream(server.server_address)
+        unix = await open_stream(path)
+        async with tcp, unix, trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            # Whole requests: with a bound of 1 either may go first.
+            for client in (tcp, unix):
+                await client.send_all(b"both\n")
+                await client.send_eof()
+            for client in (tcp, unix):
+                reply = b""
+                with trio.fail_after(5):
+                    while chunk := await client.receive_some():
+                        reply += chunk
+                assert reply == b"both\n"
+            await server.shutdown()
+    assert server.stats.completed == 2

@@ -102,6 +102,9 @@ class _Serving:
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Requests in flight per peer host, kept only under a per-peer limit.
     peers: dict[Any, int] = attrs.Factory(dict)
+    # Requests accepted by listeners that lost a race to another (see
+    # _first_request), waiting for their turn.
+    pending: list[tuple[Any, Any]] = attrs.Factory(list)
 
     def admit_peer(self, client_address: Any, limit: int | None) -> bool:
         """Count the request against its peer; False if the peer is at ``limit``."""
@@ -311,9 +314,7 @@ class BaseServer:
             with serving.accept_scope:
                 self._accepting = True
                 task_status.started(self.server_address)
-                async with trio.open_nursery() as accepting:
-                    for source in self._request_sources():
-                        accepting.start_soon(self._accept_loop, serving, source)
+                await self._accept_loop(serving, self._request_sources())
             # Accepting has stopped: by shutdown(), or because the socket was
             # closed, in which case the shutdown begins here.
             self._begin_shutdown(serving, self.shutdown_timeout)
@@ -331,7 +332,7 @@ class BaseServer:
             wait = math.inf if self.timeout is None else self.timeout
             accepted = None  # stays None if shutdown() ends the wait
             with serving.accept_scope, trio.move_on_after(wait) as timer:
-                accepted = await self._first_request(self._request_sources())
+                accepted = await self._first_request(serving, self._request_sources())
             if timer.cancelled_caught:
                 await self.handle_timeout()
             elif accepted is not None:
@@ -348,8 +349,13 @@ class BaseServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._shutdown_signal = ShutdownSignal()
-                self._serving = _Serving(nursery, finished, slots)
-                yield self._serving
+                self._serving = serving = _Serving(nursery, finished, slots)
+                try:
+                    yield serving
+                finally:
+                    # Requests that won a race but never got their turn.
+                    for request, _ in serving.pending:
+                        await self._close_request(request)
         except BaseExceptionGroup as group:
             # Cancelled from outside, every task ends in Cancelled, and the
             # nurseries wrap those in groups. Let it propagate as the one
@@ -374,37 +380,49 @@ class BaseServer:
         return [self.get_request]
 
     async def _first_request(
-        self, sources: list[Callable[[], Awaitable[tuple[Any, Any]]]]
+        self,
+        serving: _Serving,
+        sources: list[Callable[[], Awaitable[tuple[Any, Any]]]],
     ) -> tuple[Any, Any] | None:
         """The first request from any source; None once they are all closed."""
+        if serving.pending:
+            return serving.pending.pop(0)
         if len(sources) == 1:
             return await self._next_request(sources[0])
-        first: list[tuple[Any, Any] | None] = []
+        # A race: each source waits in a task of its own, and the first
+        # request cancels the others. A source that had already taken a
+        # request when the cancel came keeps it (Trio's accept and recv
+        # cannot be undone), so every winner is kept, in pending.
+        winners: list[tuple[Any, Any]] = []
 
         async def wait_for(source: Callable[[], Awaitable[tuple[Any, Any]]]) -> None:
             accepted = await self._next_request(source)
             if accepted is not None:
-                first.append(accepted)
+                winners.append(accepted)
                 nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for source in sources:
                 nursery.start_soon(wait_for, source)
-        # Trio's accept and recv take effect only when they return, so the
-        # sources that lost the race were cancelled before taking anything.
-        return first[0] if first else None
+        if not winners:
+            return None
+        serving.pending.extend(winners[1:])
+        return winners[0]
 
     async def _accept_loop(
         self,
         serving: _Serving,
-        source: Callable[[], Awaitable[tuple[Any, Any]]],
+        sources: list[Callable[[], Awaitable[tuple[Any, Any]]]],
     ) -> None:
+        # One loop for every listener: a slot is taken first, then the
+        # request comes from whichever listener has one, so an idle listener
+        # never holds a slot a busy one needs.
         while True:
             if serving.slots is not None:
                 # Backpressure: at the bound, stop accepting.
                 await serving.slots.acquire()
             try:
-                accepted = await self._next_request(source)
+                accepted = await self._first_request(serving, sources)
             except BaseException:
                 serving.release_slot()
                 raise
