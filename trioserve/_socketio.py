@@ -83,7 +83,7 @@ class SocketIO(Pacer):
             if data is not None:
                 return data
 
-    def try_send(self, data: memoryview) -> int:
+    def try_send(self, data: bytes | memoryview) -> int:
         """Send what the socket takes now; return how many bytes (maybe 0)."""
         try:
             return self._sock.send(data, socket.MSG_NOSIGNAL)

@@ -11,9 +11,7 @@ byte. Together these keep reading linear in the bytes received.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -47,22 +45,29 @@ class LineTooLong(ValueError):
 def _nbytes(data: bytes | bytearray | memoryview) -> int:
     # len() of a memoryview counts items, which are wider than bytes for
     # formats such as "I"; a write reports bytes, as io's do.
-    return data.nbytes if isinstance(data, memoryview) else len(data)
+    return data.nbytes if type(data) is memoryview else len(data)
 
 
-@contextmanager
-def _guard(
-    owner: AsyncBufferedReader | AsyncBufferedWriter, action: str
-) -> Iterator[None]:
-    # Two tasks interleaving reads (or writes) on one file would corrupt its
-    # buffer between awaits; refuse loudly instead, as Trio's streams do.
-    if owner._busy:
-        raise trio.BusyResourceError(f"another task is already {action} this file")
-    owner._busy = True
-    try:
-        yield
-    finally:
-        owner._busy = False
+class _Guard:
+    """Refuses a second task while one is inside, as Trio's streams do.
+
+    Two tasks interleaving reads (or writes) on one file would corrupt its
+    buffer between awaits; this makes that a loud error instead.
+    """
+
+    __slots__ = ("_action", "_busy")
+
+    def __init__(self, action: str) -> None:
+        self._action = action
+        self._busy = False
+
+    def __enter__(self) -> None:
+        if self._busy:
+            raise trio.BusyResourceError(f"another task is already {self._action}")
+        self._busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._busy = False
 
 
 class AsyncBufferedReader:
@@ -114,7 +119,7 @@ class AsyncBufferedReader:
         self._eof = stream is None
         # Bytes at the front of the buffer already searched for b"\n".
         self._scanned = 0
-        self._busy = False
+        self._reading = _Guard("reading from this file")
         self.receive_size = receive_size
         self.max_line_length = max_line_length
         self.timeout = timeout
@@ -131,15 +136,22 @@ class AsyncBufferedReader:
 
     async def _receive(self) -> bool:
         """Append one chunk from the stream to the buffer; False at end of stream."""
+        data = await self._receive_chunk()
+        self._buffer += data
+        return bool(data)
+
+    async def _receive_chunk(self) -> bytes | bytearray:
+        """The stream's next chunk (``b""`` at its end), leaving the buffer alone."""
         if self._eof or self._stream is None:
             await trio.lowlevel.checkpoint()
-            return False
+            return b""
         io = self._io
         if io is not None:
             ready = io.try_receive(self.receive_size)
             if ready is not None:
                 await io.pace()
-                return self._append(ready)
+                self._eof = not ready
+                return ready
         signal = self._shutdown_signal
         if signal is not None and not self._buffer:
             scope = signal.open_idle_scope()
@@ -150,17 +162,11 @@ class AsyncBufferedReader:
                 signal.close_idle_scope(scope)
             if scope.cancelled_caught:
                 self._eof = True
-                return False
+                return b""
         else:
             data = await self._receive_some(self._stream)
-        return self._append(data)
-
-    def _append(self, data: bytes | bytearray) -> bool:
-        if not data:
-            self._eof = True
-            return False
-        self._buffer += data
-        return True
+        self._eof = not data
+        return data
 
     async def _receive_some(self, stream: trio.abc.ReceiveStream) -> bytes | bytearray:
         receive = stream.receive_some if self._io is None else self._io.receive
@@ -179,24 +185,27 @@ class AsyncBufferedReader:
         raise TimeoutError(f"no data received for {self.timeout} seconds")
 
     def _take(self, size: int) -> bytes:
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        if size >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:size])
+            del self._buffer[:size]
         self._scanned = 0
         return data
 
-    async def _message(self, read: Callable[[], Awaitable[bytes]]) -> bytes:
-        """Run one read, guarded, and under ``idle_timeout`` if between messages."""
-        with _guard(self, "reading from"):
-            if self.idle_timeout is None or self._buffer:
-                return await read()
-            with trio.move_on_after(self.idle_timeout):
-                return await read()
-            if self._buffer:
-                raise TimeoutError(
-                    f"message not complete within idle_timeout ({self.idle_timeout} s)"
-                )
-            self._eof = True
-            return b""
+    async def _idle_bounded(
+        self, read: Callable[[int], Awaitable[bytes]], n: int
+    ) -> bytes:
+        """``read(n)``, which starts between messages, under ``idle_timeout``."""
+        with trio.move_on_after(self.idle_timeout or 0):
+            return await read(n)
+        if self._buffer:
+            raise TimeoutError(
+                f"message not complete within idle_timeout ({self.idle_timeout} s)"
+            )
+        self._eof = True
+        return b""
 
     async def readline(self) -> bytes:
         """Return the next line with its ``\\n``; ``b""`` at end of stream.
@@ -206,9 +215,12 @@ class AsyncBufferedReader:
         Raises:
           LineTooLong: the line is longer than ``max_line_length``.
         """
-        return await self._message(self._readline)
+        with self._reading:
+            if self.idle_timeout is not None and not self._buffer:
+                return await self._idle_bounded(self._readline, -1)
+            return await self._readline(-1)
 
-    async def _readline(self) -> bytes:
+    async def _readline(self, _: int) -> bytes:
         while True:
             end = self._buffer.find(b"\n", self._scanned) + 1
             if end:
@@ -233,7 +245,10 @@ class AsyncBufferedReader:
         Reading to the end keeps everything in memory: prefer :meth:`read1`
         or :meth:`readline` for input whose size the peer chooses.
         """
-        return await self._message(partial(self._read, n))
+        with self._reading:
+            if self.idle_timeout is not None and not self._buffer:
+                return await self._idle_bounded(self._read, n)
+            return await self._read(n)
 
     async def _read(self, n: int) -> bytes:
         if n < 0:
@@ -251,12 +266,21 @@ class AsyncBufferedReader:
         stream delivers; ``b""`` only at end of stream. This is the call for
         relaying bytes as they come, whatever their framing.
         """
-        return await self._message(partial(self._read1, n))
+        with self._reading:
+            if self.idle_timeout is not None and not self._buffer:
+                return await self._idle_bounded(self._read1, n)
+            return await self._read1(n)
 
     async def _read1(self, n: int) -> bytes:
-        if not self._buffer:
-            await self._receive()
-        return self._take(len(self._buffer) if n < 0 else n)
+        if self._buffer:
+            return self._take(len(self._buffer) if n < 0 else n)
+        # Nothing buffered: hand the chunk over as it came, without copying
+        # it through the buffer, unless it holds more than was asked for.
+        chunk = await self._receive_chunk()
+        if 0 <= n < len(chunk):
+            self._buffer += chunk
+            return self._take(n)
+        return chunk if type(chunk) is bytes else bytes(chunk)
 
     def __aiter__(self) -> AsyncBufferedReader:
         return self
@@ -295,14 +319,14 @@ class AsyncBufferedWriter:
     ) -> None:
         self._stream = stream
         self._buffer = bytearray()
-        self._busy = False
+        self._writing = _Guard("writing to this file")
         self.buffer_size = buffer_size
         self.timeout = timeout
         self._io = SocketIO.of_stream(stream)
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
         """Send ``data`` (or buffer it, see ``buffer_size``); return its length."""
-        with _guard(self, "writing to"):
+        with self._writing:
             if self.buffer_size <= 0:
                 await self._send(data)
             else:
@@ -313,7 +337,7 @@ class AsyncBufferedWriter:
 
     async def flush(self) -> None:
         """Send whatever :meth:`write` has buffered."""
-        with _guard(self, "writing to"):
+        with self._writing:
             await self._send_buffer()
 
     async def _send_buffer(self) -> None:
@@ -325,11 +349,12 @@ class AsyncBufferedWriter:
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
         io = self._io
         if io is not None:
-            view = memoryview(data).cast("B")
+            # Sockets take bytes as they are; other buffers as bytes too.
+            view = data if type(data) is bytes else memoryview(data).cast("B")
             sent = io.try_send(view)
             while sent < len(view):
                 await self._wait_writable(io)
-                sent += io.try_send(view[sent:])
+                sent += io.try_send(memoryview(view)[sent:])
             await io.pace()
             return
         if self.timeout is None:
