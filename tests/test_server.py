@@ -745,3 +745,30 @@ async def test_a_peer_that_resets_mid_response_is_logged_at_debug_and_counted(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
     assert "connection lost mid-request" in caplog.text
+
+
+async def test_inline_handlers_run_one_at_a_time_in_the_accept_loop() -> None:
+    release = trio.Event()
+    seen: list[bytes] = []
+
+    class Inline(trioserve.DatagramRequestHandler):
+        inline = True
+
+        async def handle(self) -> None:
+            seen.append(self.packet)
+            if self.packet == b"first":
+                await release.wait()
+            await self.wfile.write(self.packet.upper())
+
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Inline)
+    async with serving(udp), udp_client() as client:
+        await client.sendto(b"first", udp.server_address)
+        await client.sendto(b"second", udp.server_address)
+        await trio.testing.wait_all_tasks_blocked()
+        # The first holds the accept loop: the second waits in the socket.
+        assert seen == [b"first"]
+        release.set()
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"FIRST"
+            assert await client.recv(100) == b"SECOND"
+    assert udp.stats.completed == 2

@@ -28,6 +28,12 @@ class EchoStreamHandler(EchoHandler, StreamRequestHandler):
 
 
 class EchoDatagramHandler(EchoHandler, DatagramRequestHandler):
-    """Echo over UDP or a Unix datagram socket."""
+    """Echo over UDP or a Unix datagram socket.
+
+    Its only I/O is the reply, so the server runs it inline (see
+    :attr:`BaseRequestHandler.inline`).
+    """
+
+    inline = True
 
     wfile: AsyncPacketWriter

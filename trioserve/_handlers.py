@@ -41,6 +41,12 @@ class BaseRequestHandler:
     #: Seconds :meth:`finish` may run, shielded from cancellation; ``None``
     #: means no bound (a ``finish`` that hangs then stalls shutdown forever).
     finish_timeout: float | None = 2.0
+    #: True for a handler that does no I/O of its own but its reply, such as
+    #: a datagram echo: the server then runs it inline, in its accept loop,
+    #: without a task of its own. That is much cheaper per request, but
+    #: requests are then handled one at a time, so a handler that waits on
+    #: anything else must leave this False.
+    inline: bool = False
 
     def __init__(self, request: Any, client_address: Any, server: BaseServer) -> None:
         self.request = request

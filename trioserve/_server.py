@@ -522,10 +522,10 @@ class BaseServer:
 
         Returns the ``(request, client_address)`` to handle, or None to drop
         the request (counted in ``stats.dropped``) without troubling
-        ``handle_error``. Here it returns them unchanged; :class:`TCPServer`
-        reads a PROXY header and does the TLS handshake here.
+        ``handle_error``. Here it returns them unchanged, at once;
+        :class:`TCPServer` reads a PROXY header and does the TLS handshake
+        here.
         """
-        await trio.lowlevel.checkpoint()
         return request, client_address
 
     async def _finish_within_deadline(self, request: Any, client_address: Any) -> None:
@@ -599,13 +599,20 @@ class BaseServer:
         """Start handling the request in a task of its own.
 
         The task awaits :meth:`finish_request`, then :meth:`shutdown_request`.
+        (A handler class whose ``inline`` is true is handled right here
+        instead, in the accept loop, one request at a time.)
         An override should await ``super().process_request(...)``: that task
         also keeps the counters and the ``max_concurrent_requests`` bound.
         """
         serving = self._serving
         if serving is None:
             raise RuntimeError("process_request() is only called while serving")
-        serving.nursery.start_soon(self._request_task, serving, request, client_address)
+        if self.RequestHandlerClass.inline:
+            await self._request_task(serving, request, client_address)
+        else:
+            serving.nursery.start_soon(
+                self._request_task, serving, request, client_address
+            )
 
     async def finish_request(self, request: Any, client_address: Any) -> None:
         """Handle the request: make the handler and run its lifecycle."""
@@ -617,7 +624,6 @@ class BaseServer:
 
     async def close_request(self, request: Any) -> None:
         """Clean up one request. Does nothing here."""
-        await trio.lowlevel.checkpoint()
 
     async def handle_error(self, request: Any, client_address: Any) -> None:
         """Report an exception that escaped a handler; serving goes on.

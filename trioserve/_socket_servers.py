@@ -508,11 +508,9 @@ class UDPServer(TCPServer):
 
     async def shutdown_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
-        await trio.lowlevel.checkpoint()
 
     async def close_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
-        await trio.lowlevel.checkpoint()
 
 
 def _remove_if_stale(path: str | bytes, socket_type: stdlib_socket.SocketKind) -> None:
