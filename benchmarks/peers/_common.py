@@ -1,0 +1,29 @@
+"""What every peer server shares: its command line and its ready line.
+
+Each peer is run as ``python PEER.py --tcp HOST:PORT`` or
+``python PEER.py --udp HOST:PORT`` (port 0 picks a free port). Once
+listening it prints ``serving TCP on HOST:PORT`` (or ``UDP``), the line
+``python -m trioserve echo`` prints, so the runner reads the real port from
+every server the same way. A peer serves until it is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_args(description: str) -> tuple[str, tuple[str, int]]:
+    """Return ``("tcp" or "udp", (host, port))`` from the command line."""
+    parser = argparse.ArgumentParser(description=description)
+    kind = parser.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--tcp", metavar="HOST:PORT", help="serve TCP line echo")
+    kind.add_argument("--udp", metavar="HOST:PORT", help="serve UDP echo")
+    args = parser.parse_args()
+    text = args.tcp or args.udp
+    host, _, port = text.rpartition(":")
+    return ("tcp" if args.tcp else "udp"), (host, int(port))
+
+
+def announce(kind: str, address: tuple[str, int]) -> None:
+    """Print the ready line the runner waits for."""
+    print(f"serving {kind.upper()} on {address[0]}:{address[1]}", flush=True)
