@@ -14,6 +14,7 @@ was sent has reached the collector.
 from __future__ import annotations
 
 import array
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -526,11 +527,14 @@ async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
         with trio.fail_after(HANG_LIMIT):
             await pending.done.wait()
         assert pending.result == b""
-        # The reader has ended for good, even if the peer speaks later.
-        await far.send_all(b"too late\n")
+        # The reader has ended for good, even if the peer speaks later. (Its
+        # receiving side is shut down, so a Unix peer may not even get to.)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await far.send_all(b"too late\n")
         with trio.fail_after(HANG_LIMIT):
             assert await reader.readline() == b""
         assert not signal._idle_scopes
+        assert not signal.idle_sockets
 
 
 async def test_idle_async_for_ends_when_shutdown_starts() -> None:
@@ -958,3 +962,24 @@ async def test_ready_reads_still_checkpoint_so_a_flood_cannot_starve_others() ->
         # once: the bound is loose, the difference is not.)
         assert worst <= 4 * READY_OPERATIONS_PER_CHECKPOINT
         assert ticks >= 1000 // (4 * READY_OPERATIONS_PER_CHECKPOINT)
+
+
+async def test_idle_reader_on_a_stream_that_is_not_a_socket_leaves_at_shutdown() -> (
+    None
+):
+    # Streams other than plain sockets (TLS, memory streams) take the other
+    # road: a cancel scope that start() cancels.
+    signal = ShutdownSignal()
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    async with trio.open_nursery() as nursery:
+        reader = AsyncBufferedReader(receive, shutdown_signal=signal)
+        pending = Pending()
+        nursery.start_soon(pending.run, reader.readline)
+        await wait_all_tasks_blocked()
+        assert signal._idle_scopes
+        signal.start()
+        with trio.fail_after(HANG_LIMIT):
+            await pending.done.wait()
+        assert pending.result == b""
+        assert not signal._idle_scopes
+    await send.aclose()

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import trio
 
 
 class ShutdownSignal:
     """Lets readers that wait between messages leave as soon as shutdown starts.
 
-    A reader waiting for the first byte of a new message registers the cancel
-    scope around its receive with :meth:`open_idle_scope`; :meth:`start`
-    cancels every such scope, and the reader reports end-of-stream. A reader
-    in the middle of a message never registers, so it keeps its grace period.
+    A reader waiting for the first byte of a new message says so, and
+    :meth:`start` makes it see end-of-stream: a reader on a plain socket puts
+    the socket in :attr:`idle_sockets`, and :meth:`start` shuts the socket's
+    receiving side down, which wakes the reader with end-of-stream at the
+    cost of a set insertion per wait; any other reader registers the cancel
+    scope around its receive with :meth:`open_idle_scope`, and :meth:`start`
+    cancels it. A reader in the middle of a message does neither, so it
+    keeps its grace period.
     """
 
-    __slots__ = ("_idle_scopes", "started")
+    __slots__ = ("_idle_scopes", "idle_sockets", "started")
 
     def __init__(self) -> None:
         self.started = False
+        #: The sockets whose readers wait between messages right now.
+        self.idle_sockets: set[socket.socket] = set()
         self._idle_scopes: set[trio.CancelScope] = set()
 
     def start(self) -> None:
-        """Begin the shutdown: cancel every idle wait, now and from now on."""
+        """Begin the shutdown: end every idle wait, now and from now on."""
         self.started = True
+        for sock in self.idle_sockets:
+            # The peer may have closed it already; then there is no wait left.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+        self.idle_sockets.clear()
         for scope in self._idle_scopes:
             scope.cancel()
         self._idle_scopes.clear()

@@ -52,11 +52,12 @@ class SocketIO(Pacer):
     :exc:`trio.ClosedResourceError` for a closed socket.
     """
 
-    __slots__ = ("_sock",)
+    __slots__ = ("sock",)
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
-        self._sock = sock
+        #: The stdlib socket, for ``trio.lowlevel.wait_readable`` and kin.
+        self.sock = sock
 
     @classmethod
     def of_stream(cls, stream: object) -> SocketIO | None:
@@ -69,31 +70,23 @@ class SocketIO(Pacer):
     def try_receive(self, size: int) -> bytes | None:
         """Up to ``size`` bytes (``b""`` at end of stream); None if none are ready."""
         try:
-            return self._sock.recv(size)
+            return self.sock.recv(size)
         except BlockingIOError:
             return None
         except OSError as exc:
             raise _trio_error(exc) from exc
 
-    async def receive(self, size: int) -> bytes:
-        """Wait for data, then return up to ``size`` bytes of it."""
-        while True:
-            await trio.lowlevel.wait_readable(self._sock)
-            data = self.try_receive(size)
-            if data is not None:
-                return data
-
     def try_send(self, data: bytes | memoryview) -> int:
         """Send what the socket takes now; return how many bytes (maybe 0)."""
         try:
-            return self._sock.send(data, socket.MSG_NOSIGNAL)
+            return self.sock.send(data, socket.MSG_NOSIGNAL)
         except BlockingIOError:
             return 0
         except OSError as exc:
             raise _trio_error(exc) from exc
 
     async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self._sock)
+        await trio.lowlevel.wait_writable(self.sock)
 
 
 def _trio_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:

@@ -10,6 +10,7 @@ byte. Together these keep reading linear in the bytes received.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -46,6 +47,10 @@ def _nbytes(data: bytes | bytearray | memoryview) -> int:
     # len() of a memoryview counts items, which are wider than bytes for
     # formats such as "I"; a write reports bytes, as io's do.
     return data.nbytes if type(data) is memoryview else len(data)
+
+
+# Stands in for a timeout's cancel scope when there is no timeout.
+_UNTIMED = contextlib.nullcontext()
 
 
 class _Guard:
@@ -153,7 +158,17 @@ class AsyncBufferedReader:
                 self._eof = not ready
                 return ready
         signal = self._shutdown_signal
-        if signal is not None and not self._buffer:
+        if signal is not None and not self._buffer and io is not None:
+            if signal.started:
+                self._eof = True
+                return b""
+            idle = signal.idle_sockets
+            idle.add(io.sock)
+            try:
+                data = await self._receive_some(self._stream)
+            finally:
+                idle.discard(io.sock)
+        elif signal is not None and not self._buffer:
             scope = signal.open_idle_scope()
             try:
                 with scope:
@@ -169,12 +184,19 @@ class AsyncBufferedReader:
         return data
 
     async def _receive_some(self, stream: trio.abc.ReceiveStream) -> bytes | bytearray:
-        receive = stream.receive_some if self._io is None else self._io.receive
+        io = self._io
+        timer = _UNTIMED if self.timeout is None else trio.move_on_after(self.timeout)
         try:
-            if self.timeout is None:
-                return await receive(self.receive_size)
-            with trio.move_on_after(self.timeout):
-                return await receive(self.receive_size)
+            with timer:
+                if io is None:
+                    return await stream.receive_some(self.receive_size)
+                # Inline rather than a helper: every frame between the
+                # handler and the wait costs on each wake-up.
+                while True:
+                    await trio.lowlevel.wait_readable(io.sock)
+                    data = io.try_receive(self.receive_size)
+                    if data is not None:
+                        return data
         except trio.BrokenResourceError as exc:
             # Most TLS clients close without sending close_notify. Take that
             # as the end of the stream, as web servers do; a protocol that
@@ -267,13 +289,13 @@ class AsyncBufferedReader:
         relaying bytes as they come, whatever their framing.
         """
         with self._reading:
-            if self.idle_timeout is not None and not self._buffer:
+            if self._buffer:
+                return self._take(len(self._buffer) if n < 0 else n)
+            if self.idle_timeout is not None:
                 return await self._idle_bounded(self._read1, n)
             return await self._read1(n)
 
     async def _read1(self, n: int) -> bytes:
-        if self._buffer:
-            return self._take(len(self._buffer) if n < 0 else n)
         # Nothing buffered: hand the chunk over as it came, without copying
         # it through the buffer, unless it holds more than was asked for.
         chunk = await self._receive_chunk()
