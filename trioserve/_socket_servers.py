@@ -509,6 +509,12 @@ class UDPServer(TCPServer):
     async def shutdown_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
 
+    async def _close_request(self, request: Any) -> None:
+        # A datagram holds no socket of its own, so cancellation has nothing
+        # to leak here: no need for the shielded scope that streams get,
+        # which would cost a cancel scope per datagram.
+        await self.shutdown_request(request)
+
     async def close_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
 
