@@ -74,7 +74,9 @@ def params(default: tuple[Any, ...], soak: tuple[Any, ...]) -> list[Any]:
     return [
         pytest.param(*default, id="default"),
         pytest.param(
-            *soak, id="soak", marks=[soak_only, pytest.mark.timeout(SOAK_TIMEOUT)]
+            *soak,
+            id="soak",
+            marks=[pytest.mark.soak, soak_only, pytest.mark.timeout(SOAK_TIMEOUT)],
         ),
     ]
 
