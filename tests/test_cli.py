@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import pytest
 
@@ -84,8 +85,8 @@ class _LineReader:
         return "".join(self.lines)
 
 
-class EchoCLI:
-    """A running ``python -m trioserve echo`` and its output."""
+class Process:
+    """A running subprocess, its output read line by line in threads."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
@@ -93,6 +94,45 @@ class EchoCLI:
         assert proc.stderr is not None
         self.stdout = _LineReader(proc.stdout)
         self.stderr = _LineReader(proc.stderr)
+
+
+ProcessT = TypeVar("ProcessT", bound=Process)
+
+
+@contextlib.contextmanager
+def running(
+    wrapper: type[ProcessT], argv: list[str], **popen: Any
+) -> Iterator[ProcessT]:
+    """Run ``argv``; kill it on the way out if it is still running."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    process = None
+    try:
+        process = wrapper(proc)
+        yield process
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=EXIT_TIMEOUT)
+        if process is not None:
+            # The readers see end of file now that the process is gone;
+            # let them finish before closing the pipes under them.
+            process.stdout.join()
+            process.stderr.join()
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+class EchoCLI(Process):
+    """A running ``python -m trioserve echo`` and its output."""
 
     def listeners(self, count: int) -> list[tuple[str, str, int]]:
         """Read ``count`` "serving" lines; return ``(kind, host, port)`` each."""
@@ -124,38 +164,13 @@ class EchoCLI:
         return self.finish(timeout)
 
 
-@contextlib.contextmanager
 def run_echo(
     *args: str, command: str = "echo", cwd: str | None = None
-) -> Iterator[EchoCLI]:
+) -> contextlib.AbstractContextManager[EchoCLI]:
     argv = [sys.executable, "-W", "error::ResourceWarning", "-m", "trioserve"]
     if command:
         argv.append(command)
-    proc = subprocess.Popen(
-        [*argv, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd,
-    )
-    cli = None
-    try:
-        cli = EchoCLI(proc)
-        yield cli
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=EXIT_TIMEOUT)
-        if cli is not None:
-            # The readers see end of file now that the process is gone;
-            # let them finish before closing the pipes under them.
-            cli.stdout.join()
-            cli.stderr.join()
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
+    return running(EchoCLI, [*argv, *args], cwd=cwd)
 
 
 def assert_clean(stderr: str) -> None:

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import EXIT_TIMEOUT, IO_TIMEOUT, _LineReader, ipv6_loopback_available
+from test_cli import (
+    EXIT_TIMEOUT,
+    IO_TIMEOUT,
+    Process,
+    _LineReader,
+    ipv6_loopback_available,
+    running,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -54,15 +61,8 @@ def parse_address(text: str) -> Any:
     return host, port
 
 
-class Example:
+class Example(Process):
     """A running example and its output."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        self.stdout = _LineReader(proc.stdout)
-        self.stderr = _LineReader(proc.stderr)
 
     def listening(self, count: int) -> dict[str, Any]:
         """Read stdout up to ``count`` listening lines; return ``{kind: address}``."""
@@ -92,33 +92,9 @@ class Example:
         return stdout, stderr
 
 
-@contextlib.contextmanager
-def run_example(name: str, *args: str) -> Iterator[Example]:
-    proc = subprocess.Popen(
-        [sys.executable, "-W", "error::ResourceWarning", f"examples/{name}.py", *args],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    example = None
-    try:
-        example = Example(proc)
-        yield example
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=EXIT_TIMEOUT)
-        if example is not None:
-            # The readers reach end of file now that the process is gone;
-            # let them finish before the pipes close under them.
-            example.stdout.join()
-            example.stderr.join()
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
+def run_example(name: str, *args: str) -> contextlib.AbstractContextManager[Example]:
+    argv = [sys.executable, "-W", "error::ResourceWarning", f"examples/{name}.py"]
+    return running(Example, [*argv, *args], cwd=REPO)
 
 
 @pytest.fixture

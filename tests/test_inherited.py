@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, tcp_echo, udp_echo
+from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, running, tcp_echo, udp_echo
 from test_server import Echo, connect, roundtrip, serving
 
 import trioserve
@@ -69,30 +69,10 @@ async def test_from_socket_leaves_an_inherited_unix_socket_file() -> None:
     os.rmdir(directory)
 
 
-def run_cli(argv: list[str], **popen: object) -> EchoCLI:
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,  # type: ignore[call-overload]
-    )
-    return EchoCLI(proc)
-
-
 def stop_cleanly(cli: EchoCLI) -> None:
-    try:
-        rc, _, stderr = cli.stop(signal.SIGTERM)
-        assert rc == 0, stderr
-        assert_clean(stderr)
-    finally:
-        if cli.proc.poll() is None:
-            cli.proc.kill()
-            cli.proc.wait()
-        for pipe in (cli.proc.stdout, cli.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    rc, _, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
 
 
 def test_cli_serves_inherited_file_descriptors() -> None:
@@ -103,13 +83,11 @@ def test_cli_serves_inherited_file_descriptors() -> None:
     with tcp, udp:
         argv = [sys.executable, "-m", "trioserve", "echo"]
         argv += ["--fd", str(tcp.fileno()), "--fd", str(udp.fileno())]
-        cli = run_cli(argv, pass_fds=(tcp.fileno(), udp.fileno()))
-        try:
+        with running(EchoCLI, argv, pass_fds=(tcp.fileno(), udp.fileno())) as cli:
             kinds = {kind for kind, _, _ in cli.listeners(2)}
             assert kinds == {"TCP", "UDP"}
             tcp_echo(*tcp.getsockname(), b"over an inherited fd\n")
             udp_echo(*udp.getsockname(), b"datagram over an inherited fd")
-        finally:
             stop_cleanly(cli)
 
 
@@ -126,12 +104,10 @@ def test_cli_uses_systemd_socket_activation() -> None:
             "LISTEN_FDNAMES='web'); "
             "os.execv(sys.executable, [sys.executable, '-m', 'trioserve', 'echo'])"
         )
-        cli = run_cli([sys.executable, "-c", launcher], pass_fds=(fd,))
-        try:
+        with running(EchoCLI, [sys.executable, "-c", launcher], pass_fds=(fd,)) as cli:
             [(kind, host, port)] = cli.listeners(1)
             assert (kind, (host, port)) == ("TCP", sock.getsockname())
             tcp_echo(host, port, b"socket activated\n")
-        finally:
             stop_cleanly(cli)
 
 
@@ -152,8 +128,9 @@ def test_cli_tls_options(tmp_path: Path) -> None:
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
     ca.cert_pem.write_to_path(str(ca_file))
     argv = [sys.executable, "-m", "trioserve", "echo", "--tcp", "127.0.0.1:0"]
-    cli = run_cli([*argv, "--tls-cert", str(cert_file), "--handshake-timeout", "5"])
-    try:
+    with running(
+        EchoCLI, [*argv, "--tls-cert", str(cert_file), "--handshake-timeout", "5"]
+    ) as cli:
         line = cli.stdout.next_line()
         assert line is not None
         assert line.startswith("trioserve: serving TCP+TLS on 127.0.0.1:")
@@ -167,7 +144,6 @@ def test_cli_tls_options(tmp_path: Path) -> None:
         ):
             tls.sendall(b"encrypted echo\n")
             assert tls.recv(100) == b"encrypted echo\n"
-    finally:
         stop_cleanly(cli)
 
 

@@ -613,55 +613,54 @@ def test_all() -> None:
         assert name in trioserve.__all__
 
 
+class RecordingHandler(trioserve.StreamRequestHandler):
+    """Records the requests it handles: none, behind RejectingServer."""
+
+    handled: list[Any]
+
+    async def handle(self) -> None:
+        self.handled.append(self.client_address)
+
+
+class RejectingServer(trioserve.TCPServer):
+    """Rejects every request and records the ones it shuts down."""
+
+    shut: list[Any]
+
+    async def verify_request(self, request: Any, client_address: Any) -> bool:
+        return False
+
+    async def shutdown_request(self, request: Any) -> None:
+        self.shut.append(request)
+        await super().shutdown_request(request)
+
+
+def rejecting_server() -> RejectingServer:
+    handler = type("Handler", (RecordingHandler,), {"handled": []})
+    server = RejectingServer((HOST, 0), handler)
+    server.shut = []
+    return server
+
+
 # Port of test_socketserver.MiscTestCase.
 # test_shutdown_request_called_if_verify_request_false
 # (Issue #26309: shutdown_request must be called even if verify_request is
 # False.) Also checks the handler never runs and the client sees the close.
 async def test_shutdown_request_called_if_verify_request_false() -> None:
-    handled: list[Any] = []
-    shut: list[Any] = []
-
-    class Handler(trioserve.StreamRequestHandler):
-        async def handle(self) -> None:
-            handled.append(self.client_address)
-
-    class MyServer(trioserve.TCPServer):
-        async def verify_request(self, request: Any, client_address: Any) -> bool:
-            return False
-
-        async def shutdown_request(self, request: Any) -> None:
-            shut.append(request)
-            await super().shutdown_request(request)
-
-    async with MyServer((HOST, 0), Handler) as server:
+    async with rejecting_server() as server:
         with trio.fail_after(DEADLINE):
             async with await trio.open_tcp_stream(*server.server_address) as client:
                 await server.handle_request()
                 # The rejected connection was closed: end of stream.
                 assert await client.receive_some(100) == b""
-    assert len(shut) == 1
-    assert shut[0].socket.fileno() == -1
-    assert handled == []
+    assert len(server.shut) == 1
+    assert server.shut[0].socket.fileno() == -1
+    assert server.RequestHandlerClass.handled == []  # type: ignore[attr-defined]
 
 
 # The same under serve_forever: every rejected request is shut down.
 async def test_shutdown_request_called_if_verify_request_false_serving() -> None:
-    handled: list[Any] = []
-    shut: list[Any] = []
-
-    class Handler(trioserve.BaseRequestHandler):
-        async def handle(self) -> None:
-            handled.append(self.client_address)
-
-    class MyServer(trioserve.TCPServer):
-        async def verify_request(self, request: Any, client_address: Any) -> bool:
-            return False
-
-        async def shutdown_request(self, request: Any) -> None:
-            shut.append(request)
-            await super().shutdown_request(request)
-
-    async with MyServer((HOST, 0), Handler) as server:
+    async with rejecting_server() as server:
         with trio.fail_after(DEADLINE):
             async with trio.open_nursery() as nursery:
                 addr = await nursery.start(server.serve_forever)
@@ -669,9 +668,9 @@ async def test_shutdown_request_called_if_verify_request_false_serving() -> None
                     async with await trio.open_tcp_stream(*addr) as client:
                         assert await client.receive_some(100) == b""
                 await server.shutdown()
-    assert len(shut) == 3
-    assert all(request.socket.fileno() == -1 for request in shut)
-    assert handled == []
+    assert len(server.shut) == 3
+    assert all(request.socket.fileno() == -1 for request in server.shut)
+    assert server.RequestHandlerClass.handled == []  # type: ignore[attr-defined]
 
 
 # Port of test_socketserver.MiscTestCase.test_threads_reaped (#37193): the
