@@ -22,14 +22,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cli import (
-    EXIT_TIMEOUT,
     IO_TIMEOUT,
     PROMPT_EXIT,
     EchoCLI,
     assert_clean,
+    running,
     tcp_echo,
     udp_echo,
 )
@@ -259,31 +260,11 @@ def check_stop_timing(unit: dict[str, list[tuple[str, str]]]) -> None:
     assert kill_signal in ([], ["SIGTERM"])
 
 
-@contextlib.contextmanager
-def run_command(argv: list[str], **popen: object) -> Iterator[EchoCLI]:
+def run_command(
+    argv: list[str], **popen: Any
+) -> contextlib.AbstractContextManager[EchoCLI]:
     """Run a trioserve service; kill it if a test leaves it running."""
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,  # type: ignore[call-overload]
-    )
-    service = None
-    try:
-        service = EchoCLI(proc)
-        yield service
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=EXIT_TIMEOUT)
-        if service is not None:
-            service.stdout.join()
-            service.stderr.join()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    return running(EchoCLI, argv, **popen)
 
 
 def assert_json_logs(stderr: str) -> None:
