@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import trio
@@ -283,3 +284,86 @@ async def test_many_start_stop_cycles_leak_nothing() -> None:
         async with serving(server), await connect(server) as client:
             assert await roundtrip(client, b"ping\n") == b"ping\n"
     assert open_fds() == before
+
+
+def connect_in_backlog(server: trioserve.TCPServer, count: int) -> list[socket.socket]:
+    """Clients whose connections the kernel completed but nobody accepted yet.
+
+    Blocking calls without a checkpoint: the server's accept loop cannot run
+    until the caller next awaits.
+    """
+    clients = []
+    for number in range(count):
+        client = socket.create_connection(server.server_address[:2], timeout=10)
+        client.sendall(b"line %d\n" % number)
+        clients.append(client)
+    return clients
+
+
+async def replies(clients: list[socket.socket]) -> list[bytes]:
+    def read_all(client: socket.socket) -> bytes:
+        with client:
+            return b"".join(iter(lambda: client.recv(4096), b""))
+
+    with trio.fail_after(10):
+        return [await trio.to_thread.run_sync(read_all, c) for c in clients]
+
+
+async def test_close_serves_the_backlog_instead_of_resetting_it() -> None:
+    # As serve_until_signalled does: shutdown and close at once. Connections
+    # that were complete in the kernel get served within the grace period.
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        clients = connect_in_backlog(server, 3)
+        nursery.start_soon(server.shutdown)
+        await server.server_close()
+        assert await replies(clients) == [b"line 0\n", b"line 1\n", b"line 2\n"]
+    assert server.stats.accepted == server.stats.completed == 3
+
+
+async def test_close_during_the_grace_period_serves_the_backlog() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        async with await connect(server) as busy:
+            # Mid-message, so the shutdown waits for it.
+            await busy.send_all(b"par")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(server.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not server.is_serving()
+            clients = connect_in_backlog(server, 2)
+            await server.server_close()
+            assert await replies(clients) == [b"line 0\n", b"line 1\n"]
+            await busy.send_all(b"tial\n")
+            assert await read_to_eof(busy) == b"partial\n"
+    assert server.stats.completed == 3
+
+
+async def test_close_takes_no_more_of_the_backlog_than_free_slots() -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo, max_concurrent_requests=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        clients = connect_in_backlog(server, 3)
+        nursery.start_soon(server.shutdown)
+        await server.server_close()
+        served, reset = await replies_or_resets(clients)
+    # The accept loop may hold a slot of its own while it waits.
+    assert 1 <= served <= 2
+    assert served + reset == 3
+    assert server.stats.accepted == served
+
+
+async def replies_or_resets(clients: list[socket.socket]) -> tuple[int, int]:
+    """How many clients got their line back, and how many were reset."""
+    served = reset = 0
+    for client in clients:
+        try:
+            reply = (await replies([client]))[0]
+        except ConnectionResetError:
+            reset += 1
+        else:
+            assert reply.startswith(b"line")
+            served += 1
+    return served, reset

@@ -12,6 +12,7 @@ from ._streams import (
     AsyncPacketWriter,
     LineTooLong,
 )
+from ._workers import serve_in_workers
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "serve_in_workers",
     "serve_until_signalled",
     "systemd_sockets",
 ]

@@ -12,7 +12,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -23,6 +23,7 @@ from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequest
 from ._server import BaseServer
 from ._signals import serve_until_signalled
 from ._socket_servers import TCPServer, UDPServer
+from ._workers import serve_in_workers
 
 # Allocations between young-generation collections (CPython's default: 700).
 GC_YOUNG_THRESHOLD = 50_000
@@ -87,6 +88,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
+
+
+def _worker_count(text: str) -> int | Literal["auto"]:
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def format_address(address: Any) -> str:
@@ -198,6 +203,13 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         metavar="SECONDS",
         help="a connection must deliver its next message within this time",
+    )
+    serving.add_argument(
+        "--workers",
+        type=_worker_count,
+        metavar="N",
+        help="serve in N worker processes under a supervisor that restarts "
+        "any that die; 'auto' for one per core (default: serve in this process)",
     )
     serving.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -342,6 +354,11 @@ def build_servers(
     return servers
 
 
+def _inherited(server: BaseServer) -> bool:
+    """Whether the server serves a socket it was handed, not one it binds."""
+    return isinstance(server, TCPServer) and server._activated
+
+
 def _with_timeout(
     handler: type[BaseRequestHandler], timeout: float | None
 ) -> type[BaseRequestHandler]:
@@ -424,13 +441,50 @@ class _AnnounceListeners:
                 )
 
 
-async def _run(servers: list[BaseServer]) -> bool:
+def _tune_gc() -> None:
     # Everything made so far lives as long as the process: move it out of
     # the collector's sight, and let garbage gather longer between young
     # collections, which with many live tasks cost more than they free.
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+async def _run(servers: list[BaseServer]) -> bool:
+    _tune_gc()
     return await serve_until_signalled(servers, task_status=_AnnounceListeners(servers))
+
+
+class _WorkerServers:
+    """What ``--workers`` serves: the servers the arguments ask for.
+
+    The supervisor's call returns the servers already made (and checked)
+    from the arguments; each worker, which gets a pickled copy without
+    them, sets up logging and makes its own.
+    """
+
+    def __init__(self, args: argparse.Namespace, servers: list[BaseServer]) -> None:
+        self.args = args
+        self.servers: list[BaseServer] | None = servers
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"args": self.args, "servers": None}
+
+    def __call__(self) -> list[BaseServer]:
+        if self.servers is not None:
+            servers, self.servers = self.servers, None
+            return servers
+        _configure_logging(self.args.log_level, self.args.log_format)
+        servers = _servers_for(self.args)
+        _tune_gc()
+        return servers
+
+
+async def _run_workers(args: argparse.Namespace, servers: list[BaseServer]) -> bool:
+    return await serve_in_workers(
+        _WorkerServers(args, servers),
+        args.workers,
+        task_status=_AnnounceListeners(servers),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -443,11 +497,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.log_level, args.log_format)
     try:
         servers = _servers_for(args)
-        graceful = trio.run(_run, servers)
+        if args.workers is None:
+            graceful = trio.run(_run, servers)
+        elif any(_inherited(server) for server in servers):
+            raise UsageError("--workers cannot serve --fd or socket-activated sockets")
+        else:
+            graceful = trio.run(_run_workers, args, servers)
     except UsageError as exc:
         print(f"trioserve: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         print(f"trioserve: error: cannot serve: {exc}", file=sys.stderr)
         return 2
     return 0 if graceful else 1

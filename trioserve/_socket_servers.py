@@ -18,7 +18,7 @@ import trio
 from ._handlers import BaseRequestHandler
 from ._proxy import ProxyHeaderParser, ProxyMode, ProxyProtocolError
 from ._server import DEFAULT, BaseServer, _Default
-from ._socketio import Pacer, receive_datagram
+from ._socketio import Pacer, receive_datagram, stdlib_socket_of
 
 LOGGER = logging.getLogger("trioserve")
 
@@ -217,12 +217,23 @@ class TCPServer(BaseServer):
         # Made to bind lazily, it makes no socket of its own; handed this
         # one, already bound, it has nothing left to bind.
         server = cls(sock.getsockname(), RequestHandlerClass, **options)
-        server.address_family = stdlib_socket.AddressFamily(sock.family)
-        server._socket = trio.socket.from_stdlib_socket(sock)
-        server._activated = True
-        if cls.socket_type == stdlib_socket.SOCK_STREAM:
-            server._socket.listen(server.request_queue_size)
+        server._adopt([sock])
         return server
+
+    def _adopt(self, socks: Sequence[stdlib_socket.socket]) -> None:
+        """Listen on these bound sockets instead of binding: the first is
+        :attr:`socket`, the others are the extra listeners."""
+        if self._socket is not None:
+            raise RuntimeError(f"{self!r} already has its socket")
+        listeners = [trio.socket.from_stdlib_socket(sock) for sock in socks]
+        self._socket, *self._extra_sockets = listeners
+        self.address_family = stdlib_socket.AddressFamily(self._socket.family)
+        self.server_address = self._socket.getsockname()
+        self.extra_addresses = [sock.getsockname() for sock in self._extra_sockets]
+        self._activated = True
+        if self.socket_type == stdlib_socket.SOCK_STREAM:
+            for listener in listeners:
+                listener.listen(self.request_queue_size)
 
     def _new_socket(self) -> trio.socket.SocketType:
         assert self.address_family is not None
@@ -291,7 +302,12 @@ class TCPServer(BaseServer):
     async def _bind(self, sock: trio.socket.SocketType, address: Any) -> Any:
         if self.allow_reuse_address and sock.family != stdlib_socket.AF_UNIX:
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        if self.allow_reuse_port and hasattr(stdlib_socket, "SO_REUSEPORT"):
+        # Unix sockets have no port to share: Linux refuses the option.
+        if (
+            self.allow_reuse_port
+            and hasattr(stdlib_socket, "SO_REUSEPORT")
+            and sock.family != stdlib_socket.AF_UNIX
+        ):
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
         # A Unix socket's path, unless in Linux's abstract namespace (a
         # leading NUL), which has no file to manage.
@@ -328,18 +344,61 @@ class TCPServer(BaseServer):
 
         Idempotent. Closing them while :meth:`serve_forever` runs ends
         accepting, and the requests in flight get the shutdown grace period.
+        Connections the kernel had already completed by then (the listen
+        backlog) are not reset, as closing a listener does to them: they are
+        taken first and handled like the requests in flight, as far as
+        ``max_concurrent_requests`` allows. A client behind a load balancer
+        therefore sees either a refused connection, which the balancer
+        retries elsewhere, or a served one.
         """
         self._closed = True
-        for sock in [self._socket, *self._extra_sockets]:
-            if sock is not None:
-                sock.close()
+        listeners = [sock for sock in [self._socket, *self._extra_sockets] if sock]
+        backlog = self._take_backlog(listeners)
+        # No checkpoint since the backlog was emptied, so no connection can
+        # have slipped in to be reset by the close.
+        for sock in listeners:
+            sock.close()
         socket_files, self._socket_files = self._socket_files, []
         for path, device, inode in socket_files:
             with contextlib.suppress(FileNotFoundError):
                 info = os.stat(path)
                 if (info.st_dev, info.st_ino) == (device, inode):
                     os.unlink(path)
+        serving = self._serving
+        for connection, client_address in backlog:
+            assert serving is not None
+            request = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+            await self._handle_accepted(serving, request, client_address)
         await trio.lowlevel.checkpoint()
+
+    def _take_backlog(
+        self, listeners: list[trio.socket.SocketType]
+    ) -> list[tuple[stdlib_socket.socket, Any]]:
+        """Accept, without waiting, what the listeners' backlogs hold.
+
+        Only while serving (there is a nursery to handle them in), and only
+        as many as free ``max_concurrent_requests`` slots: the rest would
+        have waited in the backlog anyway.
+        """
+        serving = self._serving
+        taken: list[tuple[stdlib_socket.socket, Any]] = []
+        if serving is None or self.socket_type != stdlib_socket.SOCK_STREAM:
+            return taken
+        for listener in listeners:
+            sock = stdlib_socket_of(listener)
+            while sock is not None:
+                if serving.slots is not None:
+                    try:
+                        serving.slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        return taken
+                try:
+                    taken.append(sock.accept())
+                except OSError:
+                    # Empty (EAGAIN), or a connection that died waiting.
+                    serving.release_slot()
+                    break
+        return taken
 
     def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
         if not self._extra_sockets:
@@ -396,8 +455,19 @@ class TCPServer(BaseServer):
 
         A connection that has not spoken yet is idle, like one between
         messages: shutdown lets it go at once instead of waiting out the
-        grace period for a handshake that may never come.
+        grace period for a handshake that may never come. One whose bytes
+        have already arrived has spoken, shutdown or not (a connection
+        taken from the backlog at close, say).
         """
+        sock = stdlib_socket_of(stream.socket)
+        if sock is not None:
+            try:
+                sock.recv(1, stdlib_socket.MSG_PEEK)
+            except OSError:
+                pass  # Nothing yet (or an error, which the reads will meet).
+            else:
+                await trio.lowlevel.checkpoint()
+                return True
         signal = self._shutdown_signal
         scope = signal.open_idle_scope()
         try:

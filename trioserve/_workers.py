@@ -1,0 +1,504 @@
+"""Worker processes: one service on every core, under a supervisor."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket as stdlib_socket
+import sys
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, Final, Literal
+
+import attrs
+import trio
+
+from ._server import BaseServer
+from ._signals import STOP_SIGNALS, serve_until_signalled
+from ._socket_servers import TCPServer, _family_of
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+LOGGER = logging.getLogger("trioserve")
+
+#: What makes a worker's servers: called once in the supervisor, to learn the
+#: addresses to bind, and once in each worker process.
+ServerFactory = Callable[[], Sequence[BaseServer]]
+
+# Workers are started fresh ("spawn"), never forked: a fork would copy the
+# supervisor's Trio run and threads into a process that must run its own.
+_CONTEXT: Final = multiprocessing.get_context("spawn")
+
+# A worker that dies sooner than this after it started is failing, not just
+# unlucky: each such death in a row doubles the pause before the next start,
+# from RESTART_DELAY up to RESTART_DELAY_MAX, so a crash loop costs little.
+STABLE_AFTER: Final = 10.0
+RESTART_DELAY: Final = 0.1
+RESTART_DELAY_MAX: Final = 10.0
+
+# Beyond the servers' shutdown_timeout, how long workers get to exit after a
+# graceful stop: finish() (bounded by the handlers' finish_timeout), closing,
+# and the interpreter's exit. Workers still running then are killed.
+EXIT_GRACE: Final = 5.0
+
+# Linux spreads the connections (and datagrams) of SO_REUSEPORT sockets over
+# them evenly; other systems give them all to one socket or do not have it.
+REUSE_PORT_BALANCES: Final = sys.platform == "linux" and hasattr(
+    stdlib_socket, "SO_REUSEPORT"
+)
+
+
+def usable_cores() -> int:
+    """The number of cores this process may run on (what ``"auto"`` means)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@attrs.define(eq=False)
+class _Listener:
+    """One listening address of one server, as the supervisor holds it."""
+
+    server: TCPServer
+    family: int
+    address: Any
+    # The one socket every worker shares; None where each worker gets a
+    # socket of its own on the same address, with SO_REUSEPORT.
+    shared: trio.socket.SocketType | None = None
+    # A bound SO_REUSEPORT socket no worker has yet (the one bound to learn
+    # the real address of port 0).
+    spare: trio.socket.SocketType | None = None
+
+    async def socket_for_worker(self) -> trio.socket.SocketType:
+        """A listening socket to hand a worker: the shared one, or a new one."""
+        if self.shared is not None:
+            return self.shared
+        sock, self.spare = self.spare, None
+        if sock is None:
+            sock = trio.socket.socket(self.family, self.server.socket_type)
+            try:
+                await self.server._bind(sock, self.address)
+            except BaseException:
+                sock.close()
+                raise
+            _listen(self.server, sock)
+        return sock
+
+
+def _listen(server: TCPServer, sock: trio.socket.SocketType) -> None:
+    if server.socket_type == stdlib_socket.SOCK_STREAM:
+        sock.listen(server.request_queue_size)
+
+
+async def _bind_listeners(server: TCPServer, reuse_port: bool) -> list[_Listener]:
+    """Bind ``server``'s addresses once, in the supervisor.
+
+    A server built on sockets it already has (``from_socket``) shares them.
+    Otherwise IP listeners get SO_REUSEPORT under ``reuse_port``; the rest
+    (Unix sockets, which have no such option) are shared.
+    """
+    if server._activated:
+        return [
+            _Listener(server, sock.family, sock.getsockname(), shared=sock)
+            for sock in server.sockets
+        ]
+    wanted = [(server.address_family, server.server_address)]
+    wanted += [(_family_of(address), address) for address in server.extra_addresses]
+    server.allow_reuse_port = reuse_port
+    listeners = []
+    for family, address in wanted:
+        assert family is not None
+        sock = trio.socket.socket(family, server.socket_type)
+        try:
+            bound = await server._bind(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        _listen(server, sock)
+        listener = _Listener(server, family, bound)
+        if reuse_port and family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
+            listener.spare = sock
+        else:
+            listener.shared = sock
+        listeners.append(listener)
+    # The addresses the start-up line reports, with port 0 resolved.
+    server.server_address = listeners[0].address
+    server.extra_addresses = [listener.address for listener in listeners[1:]]
+    return listeners
+
+
+def _close_listeners(listeners: list[list[_Listener]]) -> None:
+    for server_listeners in listeners:
+        for listener in server_listeners:
+            for sock in (listener.shared, listener.spare):
+                if sock is not None:
+                    sock.close()
+            listener.shared = listener.spare = None
+
+
+@attrs.define(eq=False)
+class _Worker:
+    """A worker process and the channel it reports on."""
+
+    number: int
+    process: Any  # multiprocessing's SpawnProcess, which is not typed
+    status: Connection
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+
+class _Supervisor:
+    """Keeps ``count`` workers running until it is told to stop."""
+
+    def __init__(
+        self,
+        make_servers: ServerFactory,
+        listeners: list[list[_Listener]],
+        count: int,
+        shutdown_timeout: float,
+    ) -> None:
+        self.make_servers = make_servers
+        self.listeners = listeners
+        self.count = count
+        self.shutdown_timeout = shutdown_timeout
+        self.workers: dict[int, _Worker] = {}
+        self.stopping = False
+        # False once a worker ends a graceful stop other than cleanly.
+        self.clean = True
+        # Set whenever a worker exits.
+        self.exited = trio.Event()
+
+    async def _spawn(self, number: int) -> _Worker:
+        given = [
+            [await listener.socket_for_worker() for listener in server_listeners]
+            for server_listeners in self.listeners
+        ]
+        # multiprocessing passes stdlib sockets to the new process by their
+        # file descriptors: hand it duplicates, closed once it has its own.
+        sockets = [
+            [stdlib_socket.socket(fileno=os.dup(sock.fileno())) for sock in socks]
+            for socks in given
+        ]
+        status, report = _CONTEXT.Pipe(duplex=False)
+        process = _CONTEXT.Process(
+            target=_worker_main,
+            args=(self.make_servers, number, sockets, report),
+            name=f"trioserve-worker-{number}",
+        )
+        try:
+            process.start()
+        finally:
+            report.close()
+            for duplicates in sockets:
+                for duplicate in duplicates:
+                    duplicate.close()
+            # A worker's own SO_REUSEPORT socket must not outlive it here: a
+            # listener nobody accepts on would still get its share of clients.
+            for server_listeners, socks in zip(self.listeners, given, strict=True):
+                for listener, sock in zip(server_listeners, socks, strict=True):
+                    if sock is not listener.shared:
+                        sock.close()
+        worker = _Worker(number, process, status)
+        self.workers[number] = worker
+        LOGGER.info("worker %d started (pid %d)", number, worker.pid)
+        if self.stopping:  # while we were starting it
+            os.kill(worker.pid, signal.SIGTERM)
+        return worker
+
+    async def keep_running(
+        self, number: int, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Run worker ``number``; start a new one each time it dies, until stopped.
+
+        ``task_status.started()`` once the first worker serves. If that one
+        dies before it serves, starting is hopeless: raise RuntimeError.
+        """
+        quick_deaths = 0
+        first = True
+        while not self.stopping:
+            worker = await self._spawn(number)
+            started_at = trio.current_time()
+            ready = await self._watch(worker, task_status if first else None)
+            if first and not ready:
+                raise RuntimeError(
+                    f"worker {number} exited ({_exit_reason(worker)}) "
+                    "before it started serving"
+                )
+            first = False
+            if self.stopping:
+                if worker.process.exitcode != 0:
+                    self.clean = False
+                return
+            lived = trio.current_time() - started_at
+            quick_deaths = quick_deaths + 1 if lived < STABLE_AFTER else 0
+            delay = min(RESTART_DELAY_MAX, RESTART_DELAY * 2**quick_deaths)
+            LOGGER.error(
+                "worker %d (pid %d) %s after %.1f s; starting another in %.1f s",
+                number,
+                worker.pid,
+                _exit_reason(worker),
+                lived,
+                delay,
+            )
+            await trio.sleep(delay)
+
+    async def _watch(
+        self, worker: _Worker, task_status: trio.TaskStatus[None] | None
+    ) -> bool:
+        """Follow the worker's reports until it exits; whether it served."""
+        ready = False
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(worker.status.fileno())
+                try:
+                    kind, detail = worker.status.recv()
+                except EOFError:  # it exited
+                    break
+                if kind == "ready":
+                    ready = True
+                    if task_status is not None:
+                        task_status.started()
+                elif kind == "stats":
+                    LOGGER.info(
+                        "worker %d (pid %d) stopped after %s",
+                        worker.number,
+                        worker.pid,
+                        _describe(detail),
+                    )
+            await trio.lowlevel.wait_readable(worker.process.sentinel)
+            worker.process.join()
+        finally:
+            worker.status.close()
+            del self.workers[worker.number]
+            self.exited.set()
+        return ready
+
+    def signal_all(self, signum: int) -> None:
+        for worker in self.workers.values():
+            # One that has just exited is its watcher's business.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
+    async def stop(self, done: trio.CancelScope) -> None:
+        """Stop every worker gracefully; kill those still running past the grace."""
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        # Workers close their listening sockets at once; so must we, or a
+        # shared one would go on filling its backlog with clients nobody
+        # will serve, instead of refusing them.
+        _close_listeners(self.listeners)
+        with trio.move_on_after(self.shutdown_timeout + EXIT_GRACE):
+            await self._all_exited()
+        if self.workers:
+            LOGGER.error(
+                "%d workers still running after the grace period: killing them",
+                len(self.workers),
+            )
+            self.clean = False
+            self.signal_all(signal.SIGKILL)
+            await self._all_exited()
+        done.cancel()
+
+    async def _all_exited(self) -> None:
+        while self.workers:
+            self.exited = trio.Event()
+            await self.exited.wait()
+
+
+def _exit_reason(worker: _Worker) -> str:
+    code = worker.process.exitcode
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def _describe(stats: list[dict[str, int]]) -> str:
+    totals = {
+        name: sum(server[name] for server in stats)
+        for name in ("accepted", "completed", "failed", "cancelled")
+    }
+    return ", ".join(f"{value} {name}" for name, value in totals.items())
+
+
+def _worker_main(
+    make_servers: ServerFactory,
+    number: int,
+    sockets: list[list[stdlib_socket.socket]],
+    report: Connection,
+) -> None:
+    """A worker process's main: serve on the sockets given until told to stop."""
+    # Out of the terminal's process group: Ctrl-C reaches the supervisor
+    # alone, which tells us once. Two SIGINTs would force the shutdown.
+    os.setpgid(0, 0)
+    servers = list(make_servers())
+    if [len(socks) for socks in sockets] != [_listener_count(s) for s in servers]:
+        raise RuntimeError("make_servers() made different servers in a worker")
+    for server, socks in zip(servers, sockets, strict=True):
+        assert isinstance(server, TCPServer)
+        server._adopt(socks)
+    graceful = trio.run(_serve_worker, servers, report)
+    sys.exit(0 if graceful else 1)
+
+
+class _ReportReady:
+    """A task status that tells the supervisor the worker serves."""
+
+    def __init__(self, report: Connection) -> None:
+        self.report = report
+
+    def started(self, value: object = None) -> None:
+        self.report.send(("ready", None))
+
+
+async def _serve_worker(servers: list[BaseServer], report: Connection) -> bool:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_when_orphaned)
+        graceful = await serve_until_signalled(
+            servers, task_status=_ReportReady(report)
+        )
+        nursery.cancel_scope.cancel()
+    report.send(("stats", [attrs.asdict(server.stats) for server in servers]))
+    report.close()
+    return graceful
+
+
+async def _stop_when_orphaned() -> None:
+    """If the supervisor dies, shut down as if it had sent SIGTERM."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    await trio.lowlevel.wait_readable(parent.sentinel)
+    LOGGER.error("the supervisor has gone: shutting down")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _listener_count(server: BaseServer) -> int:
+    return len(getattr(server, "server_addresses", [None]))
+
+
+async def serve_in_workers(
+    make_servers: ServerFactory,
+    workers: int | Literal["auto"] = "auto",
+    *,
+    reuse_port: bool | None = None,
+    task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
+) -> bool:
+    """Serve in ``workers`` processes until SIGINT or SIGTERM; supervise them.
+
+    Trio runs on one core. This runs the servers that ``make_servers()``
+    returns in several processes, each with its own Trio run, so that a
+    service uses every core; the calling process becomes their supervisor.
+
+    ``make_servers`` is called once here, to learn what to listen on: every
+    address is bound here, once (so a bad address fails before any worker
+    starts, and port 0 means one port for all), then each worker process
+    calls ``make_servers()`` again and serves its servers on the sockets it
+    is handed, with :func:`serve_until_signalled`. It must therefore be
+    picklable (a module-level function, or a :func:`functools.partial` of
+    one) and make the same servers each time; as it runs first thing in
+    each worker, it is the place for per-process set-up such as logging.
+    Workers are started fresh (multiprocessing's "spawn"), so the main
+    module must guard its entry point with ``if __name__ == "__main__":``.
+
+    How workers share the load: on Linux, every worker gets its own socket
+    on each IP address, with ``SO_REUSEPORT``, and the kernel spreads new
+    connections and datagrams over them evenly. Unix sockets, and every
+    socket where ``reuse_port`` is false, are bound once and shared by all
+    workers.
+
+    A worker that dies is replaced: at once if it had run a while, after a
+    pause that doubles with each death in a row (up to 10 s) if it keeps
+    dying young; each death is logged at ERROR. The first SIGINT or SIGTERM
+    stops them all gracefully (each worker gets SIGTERM, lets its requests
+    in flight finish within the servers' ``shutdown_timeout``, and reports
+    its counters, which are logged); workers still running 5 s past that
+    are killed. A second signal is passed on, and cancels what is still
+    running. SIGHUP is ignored. If the supervisor itself dies, its workers
+    shut down gracefully.
+
+    Must be called from the main thread.
+
+    Args:
+      make_servers: Returns the servers (:class:`TCPServer` and kin, not
+        bound yet) that each worker runs.
+      workers: How many worker processes, or ``"auto"`` for one per usable
+        core.
+      reuse_port: Give each worker its own ``SO_REUSEPORT`` socket for IP
+        addresses; ``None`` does so where the kernel balances them (Linux).
+
+    Returns:
+      True if every worker shut down gracefully; False if a second signal
+      forced the shutdown or a worker had to be killed.
+
+    Raises:
+      OSError: binding an address failed.
+      RuntimeError: a worker exited before it started serving.
+    """
+    count = usable_cores() if workers == "auto" else workers
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, not {count}")
+    if reuse_port is None:
+        reuse_port = REUSE_PORT_BALANCES
+    templates: list[TCPServer] = []
+    for server in make_servers():
+        if not isinstance(server, TCPServer):
+            raise TypeError(f"{server!r} has no sockets to share with workers")
+        templates.append(server)
+    watched = (*STOP_SIGNALS, signal.SIGHUP)
+    listeners: list[list[_Listener]] = []
+    try:
+        with trio.open_signal_receiver(*watched) as signals:
+            for server in templates:
+                listeners.append(await _bind_listeners(server, reuse_port))
+            timeout = max((server.shutdown_timeout for server in templates), default=0)
+            supervisor = _Supervisor(make_servers, listeners, count, timeout)
+            forced = await _supervise(supervisor, signals, templates, task_status)
+    except BaseExceptionGroup as group:
+        # A worker that could not start: report that, not the group.
+        _, others = group.split(RuntimeError)
+        if others is None and len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        _close_listeners(listeners)
+        for server in templates:
+            await server.server_close()  # removes the Unix socket files
+    return supervisor.clean and not forced
+
+
+async def _supervise(
+    supervisor: _Supervisor,
+    signals: Any,
+    templates: list[TCPServer],
+    task_status: trio.TaskStatus[list[Any]],
+) -> bool:
+    """Start the workers, then stop them on the first signal; whether forced."""
+    forced = False
+    async with trio.open_nursery() as nursery:
+        # One at a time, each once it serves: the start-up then reports a
+        # service that answers, and a worker that cannot start stops us.
+        for number in range(1, supervisor.count + 1):
+            await nursery.start(supervisor.keep_running, number)
+        task_status.started([server.server_address for server in templates])
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum not in STOP_SIGNALS:
+                LOGGER.info("%s: ignored; send SIGTERM to stop", name)
+            elif supervisor.stopping:
+                LOGGER.warning("%s again: workers cancel every request", name)
+                forced = True
+                supervisor.signal_all(signal.SIGTERM)
+            else:
+                LOGGER.warning(
+                    "%s: stopping %d workers; requests in flight get up to %s s",
+                    name,
+                    len(supervisor.workers),
+                    supervisor.shutdown_timeout,
+                )
+                nursery.start_soon(supervisor.stop, nursery.cancel_scope)
+    return forced
