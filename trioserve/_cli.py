@@ -151,12 +151,16 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds a client has to complete the TLS handshake",
     )
-    proxy = parser.add_argument_group("PROXY protocol (stream listeners)")
+    proxy = parser.add_argument_group(
+        "PROXY protocol (every listener; datagram listeners take version 2 only)"
+    )
     proxy.add_argument(
         "--proxy-protocol",
         choices=["off", "v1", "v2", "auto"],
         default="off",
-        help="expect HAProxy's PROXY header giving the real client (default off)",
+        help="expect HAProxy's PROXY header giving the real client (default "
+        "off); v1 is for stream listeners only, and auto means v2 on datagram "
+        "listeners",
     )
     proxy.add_argument(
         "--trusted-proxy",
@@ -288,14 +292,27 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _proxy_options(args: argparse.Namespace, *, stream: bool) -> dict[str, Any]:
+    """The PROXY protocol options, for stream or datagram servers."""
+    if args.proxy_protocol == "off":
+        return {}
+    if not args.trusted_proxy:
+        raise UsageError("--proxy-protocol needs --trusted-proxy")
+    if args.proxy_protocol == "v1" and not stream:
+        raise UsageError(
+            "--proxy-protocol v1 cannot serve datagram listeners (PROXY "
+            "version 1 is text for TCP only): use v2 or auto, or give only "
+            "stream listeners"
+        )
+    return {
+        "proxy_protocol": args.proxy_protocol,
+        "trusted_proxies": args.trusted_proxy,
+    }
+
+
 def _stream_options(args: argparse.Namespace) -> dict[str, Any]:
     """The stream servers' own options: TLS and the PROXY protocol."""
-    options: dict[str, Any] = {}
-    if args.proxy_protocol != "off":
-        if not args.trusted_proxy:
-            raise UsageError("--proxy-protocol needs --trusted-proxy")
-        options["proxy_protocol"] = args.proxy_protocol
-        options["trusted_proxies"] = args.trusted_proxy
+    options = _proxy_options(args, stream=True)
     if args.handshake_timeout is not None:
         options["handshake_timeout"] = args.handshake_timeout
     if args.tls_cert is None:
@@ -335,9 +352,10 @@ def build_servers(
             given = [name for name in names if getattr(args, name)]
             flag = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag} needs a {needed}; the handler is not one")
-        kwargs = options
         if server_class is TCPServer:
             kwargs = {**options, **_stream_options(args)}
+        else:
+            kwargs = {**options, **_proxy_options(args, stream=False)}
         first, *extra = addresses
         servers.append(server_class(first, handler, extra_addresses=extra, **kwargs))
     sockets = [(f"--fd {fd}", socket.socket(fileno=fd)) for fd in args.fd]
@@ -349,7 +367,8 @@ def build_servers(
         if handler is None:
             needed = "StreamRequestHandler" if stream else "DatagramRequestHandler"
             raise UsageError(f"{source} needs a {needed}; the handler is not one")
-        kwargs = {**options, **_stream_options(args)} if stream else options
+        own = _stream_options(args) if stream else _proxy_options(args, stream=False)
+        kwargs = {**options, **own}
         servers.append(server_class.from_socket(sock, handler, **kwargs))
     return servers
 
@@ -496,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
     try:
+        if args.workers is not None and args.fd:
+            raise UsageError("--workers cannot serve --fd or socket-activated sockets")
         servers = _servers_for(args)
         if args.workers is None:
             graceful = trio.run(_run, servers)

@@ -227,8 +227,7 @@ class _Supervisor:
             ready = await self._watch(worker, task_status if first else None)
             if first and not ready:
                 raise RuntimeError(
-                    f"worker {number} exited ({_exit_reason(worker)}) "
-                    "before it started serving"
+                    f"worker {number} {_exit_reason(worker)} before it started serving"
                 )
             first = False
             if self.stopping:
@@ -336,12 +335,18 @@ def _worker_main(
     # Out of the terminal's process group: Ctrl-C reaches the supervisor
     # alone, which tells us once. Two SIGINTs would force the shutdown.
     os.setpgid(0, 0)
-    servers = list(make_servers())
-    if [len(socks) for socks in sockets] != [_listener_count(s) for s in servers]:
-        raise RuntimeError("make_servers() made different servers in a worker")
-    for server, socks in zip(servers, sockets, strict=True):
-        assert isinstance(server, TCPServer)
-        server._adopt(socks)
+    try:
+        servers = list(make_servers())
+        if [len(socks) for socks in sockets] != [_listener_count(s) for s in servers]:
+            raise RuntimeError("make_servers() made different servers in a worker")
+        for server, socks in zip(servers, sockets, strict=True):
+            assert isinstance(server, TCPServer)
+            server._adopt(socks)
+    except BaseException:
+        for socks in sockets:
+            for sock in socks:
+                sock.close()
+        raise
     graceful = trio.run(_serve_worker, servers, report)
     sys.exit(0 if graceful else 1)
 

@@ -1,0 +1,299 @@
+"""Worker processes: ``--workers N`` and ``serve_in_workers``, as real processes.
+
+Each worker answers with its process id, so a client can tell which worker
+served it. Worker ids come from the supervisor's "worker N started (pid P)"
+log lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
+
+import trioserve
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(socket, "SO_REUSEPORT"), reason="the tests expect Linux"
+)
+
+HANDLERS = """
+import multiprocessing
+import os
+
+import trio
+import trioserve
+
+
+class Pid(trioserve.StreamRequestHandler):
+    '''Replies "PID LINE"; "slow SECONDS" first says "PID started", then waits.'''
+
+    async def handle(self):
+        pid = b"%d " % os.getpid()
+        async for line in self.rfile:
+            if line.startswith(b"slow "):
+                await self.wfile.write(pid + b"started\\n")
+                await trio.sleep(float(line.split()[1]))
+            await self.wfile.write(pid + line)
+
+
+class PidDatagram(trioserve.DatagramRequestHandler):
+    async def handle(self):
+        await self.wfile.write(b"%d " % os.getpid() + await self.rfile.read())
+"""
+
+# Fails in worker processes only: the supervisor, which imports it first,
+# starts fine.
+BROKEN_IN_WORKERS = """
+import multiprocessing
+
+from my_handlers import Pid
+
+if multiprocessing.parent_process() is not None:
+    raise ImportError("this module does not load in workers")
+"""
+
+STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+STOPPED = re.compile(r"worker (\d+) \(pid (\d+)\) stopped after (\d+) accepted")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="tsw"))
+    (path / "my_handlers.py").write_text(textwrap.dedent(HANDLERS))
+    (path / "broken_handlers.py").write_text(textwrap.dedent(BROKEN_IN_WORKERS))
+    yield path
+    shutil.rmtree(path)
+
+
+def serve_workers(
+    workdir: Path, *args: str, handler: str = "my_handlers:Pid"
+) -> contextlib.AbstractContextManager[EchoCLI]:
+    return run_echo(handler, *args, command="serve", cwd=str(workdir))
+
+
+def worker_pids(cli: EchoCLI, count: int) -> dict[int, int]:
+    """Worker number -> pid, from the first ``count`` start-up lines."""
+    pids = {}
+    while len(pids) < count:
+        match = STARTED.search(cli.stderr.wait_for("started (pid"))
+        assert match
+        pids[int(match[1])] = int(match[2])
+    return pids
+
+
+def ask(address: tuple[str, int], line: bytes = b"hello\n") -> int:
+    """Send one line on a new connection; return the pid that answered."""
+    with socket.create_connection(address, timeout=IO_TIMEOUT) as client:
+        client.sendall(line)
+        reply = client.makefile("rb").readline()
+    pid, _, echoed = reply.partition(b" ")
+    assert echoed == line, reply
+    return int(pid)
+
+
+def connection_to(address: tuple[str, int], pid: int) -> socket.socket:
+    """A connection that worker ``pid`` serves, with one exchange done."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        client = socket.create_connection(address, timeout=IO_TIMEOUT)
+        client.sendall(b"ping\n")
+        with client.makefile("rb") as replies:
+            answered = int(replies.readline().split()[0])
+        if answered == pid:
+            return client
+        client.close()
+    raise AssertionError(f"worker {pid} never took a connection")
+
+
+def wait_until_dead(pid: int) -> None:
+    """Until ``pid`` has exited and closed its sockets (a zombie counts)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return
+        if "State:\tZ" in status:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still running")
+
+
+def tcp_address(cli: EchoCLI) -> tuple[str, int]:
+    ((kind, host, port),) = cli.listeners(1)
+    assert kind == "TCP"
+    return host, port
+
+
+def test_two_workers_share_the_load_and_report_their_counters(workdir: Path) -> None:
+    with serve_workers(workdir, "--tcp", "127.0.0.1:0", "--workers", "2") as cli:
+        address = tcp_address(cli)
+        pids = worker_pids(cli, 2)
+        answered = [ask(address) for _ in range(100)]
+        rc, _, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    # The kernel spreads connections over both workers' sockets.
+    assert set(answered) == set(pids.values())
+    stopped = {int(m[2]): int(m[3]) for m in STOPPED.finditer(stderr)}
+    assert stopped == {pid: answered.count(pid) for pid in pids.values()}
+
+
+def test_udp_and_unix_listeners_are_served_by_workers(workdir: Path) -> None:
+    path = workdir / "pid.sock"
+    with (
+        serve_workers(
+            workdir,
+            "--udp",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            handler="my_handlers:PidDatagram",
+        ) as udp,
+        serve_workers(workdir, "--unix", str(path), "--workers", "2") as unix,
+    ):
+        ((kind, host, port),) = udp.listeners(1)
+        assert kind == "UDP"
+        udp_pids = set(worker_pids(udp, 2).values())
+        unix.stdout.wait_for("serving UNIX")
+        unix_pids = set(worker_pids(unix, 2).values())
+        answered = set()
+        for number in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(IO_TIMEOUT)
+                client.sendto(b"%d" % number, (host, port))
+                pid, _, echoed = client.recv(100).partition(b" ")
+            assert echoed == b"%d" % number
+            answered.add(int(pid))
+        # Each client's datagrams go to one worker; 50 clients reach both.
+        assert answered == udp_pids
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(IO_TIMEOUT)
+            client.connect(str(path))
+            client.sendall(b"unix\n")
+            pid, _, echoed = client.makefile("rb").readline().partition(b" ")
+        # One Unix socket, shared: whichever worker accepted it.
+        assert echoed == b"unix\n"
+        assert int(pid) in unix_pids
+        for cli in (udp, unix):
+            rc, _, stderr = cli.stop(signal.SIGTERM)
+            assert rc == 0, stderr
+            assert_clean(stderr)
+    assert not path.exists()
+
+
+def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
+    workdir: Path,
+) -> None:
+    with serve_workers(workdir, "--tcp", "127.0.0.1:0", "--workers", "2") as cli:
+        address = tcp_address(cli)
+        pids = worker_pids(cli, 2)
+        # A conversation with worker 2, under way while worker 1 dies.
+        survivor = connection_to(address, pids[2])
+        with survivor, survivor.makefile("rb") as replies:
+            os.kill(pids[1], signal.SIGKILL)
+            wait_until_dead(pids[1])
+            # From now on every request is answered, by worker 2 until the
+            # new worker 1 serves, then by both.
+            deadline = time.monotonic() + 10
+            answered: set[int] = set()
+            while len(answered) < 2:
+                assert time.monotonic() < deadline, answered
+                answered.add(ask(address))
+            survivor.sendall(b"still there\n")
+            assert replies.readline() == b"%d still there\n" % pids[2]
+        replaced = worker_pids(cli, 1)
+        assert replaced.keys() == {1}
+        assert answered == {pids[2], replaced[1]}
+        rc, _, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert f"worker 1 (pid {pids[1]}) was killed by SIGKILL" in stderr
+    assert_clean(stderr)
+
+
+def test_graceful_stop_lets_requests_in_flight_in_every_worker_finish(
+    workdir: Path,
+) -> None:
+    with serve_workers(workdir, "--tcp", "127.0.0.1:0", "--workers", "2") as cli:
+        address = tcp_address(cli)
+        pids = set(worker_pids(cli, 2).values())
+        clients = [
+            socket.create_connection(address, timeout=IO_TIMEOUT) for _ in range(20)
+        ]
+        replies = [client.makefile("rb") for client in clients]
+        busy = set()
+        for client, reply in zip(clients, replies, strict=True):
+            client.sendall(b"slow 1\n")
+            pid, _, said = reply.readline().partition(b" ")
+            assert said == b"started\n"
+            busy.add(int(pid))
+        assert busy == pids
+        cli.proc.send_signal(signal.SIGTERM)
+        for client, reply in zip(clients, replies, strict=True):
+            assert reply.readline().endswith(b" slow 1\n")
+            assert reply.readline() == b""  # then let go
+            reply.close()
+            client.close()
+        rc, _, stderr = cli.finish()
+    assert rc == 0, stderr
+    assert_clean(stderr)
+
+
+def test_workers_shut_down_when_the_supervisor_dies(workdir: Path) -> None:
+    with serve_workers(workdir, "--tcp", "127.0.0.1:0", "--workers", "2") as cli:
+        tcp_address(cli)
+        pids = worker_pids(cli, 2)
+        cli.proc.kill()
+        cli.wait()
+        for pid in pids.values():
+            wait_until_dead(pid)
+
+
+def test_a_worker_that_cannot_start_stops_the_service(workdir: Path) -> None:
+    with serve_workers(
+        workdir, "--tcp", "127.0.0.1:0", "--workers", "2", handler="broken_handlers:Pid"
+    ) as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 2
+    assert stdout == ""
+    assert stderr.endswith(
+        "trioserve: error: cannot serve: "
+        "worker 1 exited with status 1 before it started serving\n"
+    )
+    assert "ResourceWarning" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "0"], "is not a whole number >= 1"),
+        (["--workers", "many"], "is not a whole number >= 1"),
+        (["--workers", "2", "--fd", "0"], "--workers cannot serve --fd"),
+    ],
+)
+def test_bad_worker_options_exit_2(args: list[str], message: str) -> None:
+    with run_echo(*args) as cli:
+        rc, _, stderr = cli.finish()
+    assert rc == 2
+    assert message in stderr
+
+
+async def test_serve_in_workers_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        await trioserve.serve_in_workers(list, 0)
+    with pytest.raises(TypeError, match="no sockets"):
+        await trioserve.serve_in_workers(
+            lambda: [trioserve.BaseServer(None, trioserve.BaseRequestHandler)], 1
+        )
