@@ -436,9 +436,29 @@ def test_limits_max_per_peer_refuses_one_connection_too_many() -> None:
     assert stats["accepted"] == stats["completed"] + stats["rejected"], stats
 
 
+# -- workers ------------------------------------------------------------------
+
+
+def test_workers_share_the_connections_and_stop_gracefully() -> None:
+    with run("workers", "--port", "0", "--workers", "2") as example:
+        [(kind, address)] = listeners(example, 1)
+        assert kind == "TCP"
+        workers = set()
+        for number in range(40):
+            with line_client(address) as client:
+                reply = client.ask(b"%d\n" % number)
+            worker, _, echoed = reply.partition(b": ")
+            assert echoed == b"%d\n" % number
+            workers.add(worker)
+        # Two workers, and the kernel spread 40 connections over both.
+        assert len(workers) == 2, workers
+        _, stderr = example.stop()
+    assert stderr.count("stopped after") == 2, stderr
+
+
 # -- all of them --------------------------------------------------------------
 
-EXAMPLE_NAMES = ["behind_haproxy", "limits", "many_listeners"]
+EXAMPLE_NAMES = ["behind_haproxy", "limits", "many_listeners", "workers"]
 
 
 def test_every_production_example_is_tested_here() -> None:
