@@ -17,9 +17,12 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
 
 import trioserve
@@ -297,3 +300,36 @@ async def test_serve_in_workers_checks_its_arguments() -> None:
         await trioserve.serve_in_workers(
             lambda: [trioserve.BaseServer(None, trioserve.BaseRequestHandler)], 1
         )
+
+
+class PidEcho(trioserve.StreamRequestHandler):
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(b"%d %s" % (os.getpid(), line))
+
+
+def make_pid_echo() -> list[trioserve.BaseServer]:
+    # Module level, so that spawned workers can import it.
+    return [trioserve.TCPServer(("127.0.0.1", 0), PidEcho)]
+
+
+async def test_serve_in_workers_with_one_shared_socket() -> None:
+    # Where SO_REUSEPORT is not used, the workers accept on one socket that
+    # the supervisor bound.
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serve = partial(
+                trioserve.serve_in_workers, make_pid_echo, 2, reuse_port=False
+            )
+            graceful = None
+
+            async def supervise(*, task_status: trio.TaskStatus[list[Any]]) -> None:
+                nonlocal graceful
+                graceful = await serve(task_status=task_status)
+
+            [address] = await nursery.start(supervise)
+            answered = [await trio.to_thread.run_sync(ask, address) for _ in range(20)]
+            assert os.getpid() not in answered
+            assert 1 <= len(set(answered)) <= 2
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert graceful is True
