@@ -152,6 +152,11 @@ def test_two_workers_share_the_load_and_report_their_counters(workdir: Path) -> 
     assert set(answered) == set(pids.values())
     stopped = {int(m[2]): int(m[3]) for m in STOPPED.finditer(stderr)}
     assert stopped == {pid: answered.count(pid) for pid in pids.values()}
+    # Each worker's own log lines say which worker wrote them.
+    for number in pids:
+        assert (
+            f"trioserve [trioserve-worker-{number}]: SIGTERM: shutting down" in stderr
+        )
 
 
 def test_udp_and_unix_listeners_are_served_by_workers(workdir: Path) -> None:

@@ -421,6 +421,7 @@ class JsonFormatter(logging.Formatter):
             "time": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
+            "process": record.processName,
             "message": record.getMessage(),
         }
         if record.exc_info:
@@ -428,13 +429,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _configure_logging(level: str, log_format: str) -> None:
+def _configure_logging(level: str, log_format: str, *, worker: bool = False) -> None:
+    """Log to standard error; a worker's lines say which worker wrote them."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
+        source = "%(name)s [%(processName)s]" if worker else "%(name)s"
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.Formatter(f"%(asctime)s %(levelname)s {source}: %(message)s")
         )
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
@@ -492,7 +495,7 @@ class _WorkerServers:
         if self.servers is not None:
             servers, self.servers = self.servers, None
             return servers
-        _configure_logging(self.args.log_level, self.args.log_format)
+        _configure_logging(self.args.log_level, self.args.log_format, worker=True)
         servers = _servers_for(self.args)
         _tune_gc()
         return servers
