@@ -338,3 +338,17 @@ async def test_serve_in_workers_with_one_shared_socket() -> None:
             assert 1 <= len(set(answered)) <= 2
             os.kill(os.getpid(), signal.SIGTERM)
     assert graceful is True
+
+
+def test_an_address_in_use_fails_before_any_worker_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        with run_echo("--tcp", f"{host}:{port}", "--workers", "2") as cli:
+            rc, stdout, stderr = cli.finish()
+    assert rc == 2
+    assert stdout == ""
+    assert stderr.startswith("trioserve: error: cannot serve: ")
+    assert "Address already in use" in stderr
+    assert "worker" not in stderr
