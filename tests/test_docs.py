@@ -116,6 +116,12 @@ def test_every_included_example_is_run_by_a_test() -> None:
             assert f'"{name}"' in production_tests, (
                 f"{page.name} includes {path.name}, which {production.name} never runs"
             )
+        elif path == DEPLOY / "haproxy-scale-out.cfg":
+            # Run by test_scale_out.py, in front of two instances.
+            scale_out = REPO / "tests" / "test_scale_out.py"
+            assert f'"{path.name}"' in scale_out.read_text(encoding="utf-8"), (
+                f"{page.name} includes {path.name}, which {scale_out.name} never runs"
+            )
         else:
             runner = runners.get(path.parent)
             assert runner is not None, f"{page.name}: no test runs {path}"

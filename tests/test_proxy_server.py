@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -141,6 +141,38 @@ async def test_a_proxy_that_sends_no_header_times_out(
     assert server.stats.dropped == 1
 
 
+class Echo(trioserve.StreamRequestHandler):
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line)
+
+
+async def test_a_proxied_client_yet_to_speak_gets_the_grace_period() -> None:
+    # Behind a proxy a new connection stands for a client that has just
+    # connected; its first line may be a round trip behind the header. A
+    # shutdown in between must not take it for an idle connection. (A proxy
+    # connection that has not even sent its header is idle: see
+    # test_reliability's connections that sent nothing.)
+    server = trioserve.TCPServer(
+        ("127.0.0.1", 0), Echo, proxy_protocol="v2", trusted_proxies=["127.0.0.1"]
+    )
+    header = build_v2(("203.0.113.7", 40000), ("192.0.2.1", 443))
+    with trio.fail_after(10):
+        async with server, trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            async with await trio.open_tcp_stream(*server.server_address) as proxy:
+                await proxy.send_all(header)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(server.shutdown)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not server.is_serving()
+                await proxy.send_all(b"late but served\n")
+                assert await read_line(proxy) == b"late but served\n"
+                # From then on it is between messages: idle, let go.
+                assert await proxy.receive_some() == b""
+    assert server.stats.completed == 1
+
+
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="needs trusted_proxies"):
         trioserve.TCPServer(("127.0.0.1", 0), WhoAmI, proxy_protocol="v1")
@@ -151,11 +183,11 @@ def test_options_are_checked() -> None:
             proxy_protocol="v3",  # type: ignore[arg-type]
             trusted_proxies=["127.0.0.1"],
         )
-    with pytest.raises(ValueError, match="stream servers only"):
+    with pytest.raises(ValueError, match="'v1' needs a stream server"):
         trioserve.UDPServer(
             ("127.0.0.1", 0),
             trioserve.DatagramRequestHandler,
-            proxy_protocol="v2",
+            proxy_protocol="v1",
             trusted_proxies=["127.0.0.1"],
         )
 
@@ -178,12 +210,22 @@ def haproxy_config_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-def run_haproxy(config: Path) -> subprocess.Popen[bytes]:
+def check_haproxy_config(config: Path, env: Mapping[str, str] | None = None) -> None:
+    """``haproxy -c``: a bad configuration fails with HAProxy's own words."""
     assert HAPROXY is not None
     check = subprocess.run(
-        [HAPROXY, "-c", "-f", str(config)], capture_output=True, timeout=30, check=False
+        [HAPROXY, "-c", "-f", str(config)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        env=env,
     )
     assert check.returncode == 0, check.stderr + check.stdout
+
+
+def run_haproxy(config: Path) -> subprocess.Popen[bytes]:
+    assert HAPROXY is not None
+    check_haproxy_config(config)
     return subprocess.Popen(
         [HAPROXY, "-db", "-f", str(config)],
         stdout=subprocess.DEVNULL,

@@ -122,12 +122,16 @@ class StreamRequestHandler(BaseRequestHandler):
     async def setup(self) -> None:
         """Set ``connection``, ``rfile`` and ``wfile``; call it from an override."""
         self.connection = self.request
+        # Behind a proxy, a new connection means a client has connected, and
+        # its first bytes may be a network round trip behind.
+        proxied = getattr(self.server, "proxy_protocol", "off") != "off"
         self.rfile = AsyncBufferedReader(
             self.connection,
             receive_size=self.rbufsize,
             max_line_length=self.max_line_length,
             timeout=self.timeout,
             shutdown_signal=self.server._shutdown_signal,
+            idle_before_first_message=not proxied,
             idle_timeout=self.server.idle_timeout,
         )
         self.wfile = AsyncBufferedWriter(
@@ -145,10 +149,12 @@ class DatagramRequestHandler(BaseRequestHandler):
     """A handler for datagram servers (UDP, Unix datagram).
 
     ``self.request`` is the pair ``(data, socket)``; :meth:`setup` unpacks
-    it into ``self.packet`` and ``self.socket``, and makes ``self.rfile`` a
-    reader over the datagram's bytes and ``self.wfile`` an
+    it into ``self.packet`` and ``self.socket``, sets
+    :attr:`reply_address`, and makes ``self.rfile`` a reader over the
+    datagram's bytes and ``self.wfile`` an
     :class:`~trioserve.AsyncPacketWriter`. :meth:`finish` sends whatever was
-    written to ``client_address`` as one datagram; nothing is sent if
+    written to :attr:`reply_address` (``client_address``, unless a PROXY
+    protocol proxy relayed the datagram) as one datagram; nothing is sent if
     nothing was written. ``rfile`` and ``wfile`` have the same async
     interface as :class:`StreamRequestHandler`'s, so one ``handle()`` body,
     written as a mixin, serves streams and datagrams alike.
@@ -159,20 +165,39 @@ class DatagramRequestHandler(BaseRequestHandler):
 
     packet: bytes
     socket: trio.socket.SocketType
+    #: Where the reply goes, set by :meth:`setup`: ``client_address``, except
+    #: for a datagram that a PROXY protocol proxy relayed (see
+    #: :class:`~trioserve.UDPServer`). Then ``client_address`` is the client
+    #: the proxy's header names and ``packet`` what followed the header,
+    #: but the reply must go back to the proxy, the datagram's sender, which
+    #: relays it to the client: that is ``reply_address``. A handler that
+    #: sends replies of its own should send them here too.
+    reply_address: Any
     rfile: AsyncBufferedReader
     wfile: AsyncPacketWriter
 
     async def setup(self) -> None:
-        """Set ``packet``, ``socket``, ``rfile``, ``wfile``; call from an override."""
-        self.packet, self.socket = self.request
+        """Set ``packet``, ``socket``, ``reply_address``, ``rfile``, ``wfile``.
+
+        Call it from an override.
+        """
+        request = self.request
+        self.packet, self.socket = request
+        # A server that took a PROXY header off the datagram gives the
+        # sender with the request (a pair with that attribute); otherwise the
+        # reply goes to the client.
+        self.reply_address = getattr(request, "reply_address", self.client_address)
         self.rfile = AsyncBufferedReader.from_bytes(
             self.packet, max_line_length=self.max_line_length
         )
         self.wfile = AsyncPacketWriter()
 
     async def finish(self) -> None:
-        """Send the reply written to ``wfile``, if any; call it from an override."""
+        """Send what was written to ``wfile``, if anything, to ``reply_address``.
+
+        Call it from an override.
+        """
         reply = self.wfile.getvalue()
         # A Unix datagram client that did not bind a path has no address.
-        if reply and self.client_address:
-            await send_datagram(self.socket, reply, self.client_address)
+        if reply and self.reply_address:
+            await send_datagram(self.socket, reply, self.reply_address)

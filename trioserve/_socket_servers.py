@@ -16,7 +16,12 @@ from typing import Any, Literal, TypeVar, cast
 import trio
 
 from ._handlers import BaseRequestHandler
-from ._proxy import ProxyHeaderParser, ProxyMode, ProxyProtocolError
+from ._proxy import (
+    ProxyHeaderParser,
+    ProxyMode,
+    ProxyProtocolError,
+    parse_proxy_header,
+)
 from ._server import DEFAULT, BaseServer, _Default
 from ._socketio import Pacer, receive_datagram, stdlib_socket_of
 
@@ -115,7 +120,8 @@ class TCPServer(BaseServer):
     #: or ``UNKNOWN`` header, as a proxy's health check sends, leaves the
     #: real peer's). The header is read in the request's own task, before
     #: any TLS handshake and after ``verify_request``, which therefore sees
-    #: the proxy's address.
+    #: the proxy's address. Datagram servers take version 2 only (``"auto"``
+    #: means ``"v2"`` there): see :class:`UDPServer`.
     proxy_protocol: ProxyProtocolMode = "off"
     #: The peers allowed to send PROXY headers: IP addresses or networks
     #: (``"10.0.0.0/8"``), and ``"unix"`` for every peer on a Unix socket.
@@ -163,10 +169,14 @@ class TCPServer(BaseServer):
             self.proxy_protocol, self.trusted_proxies
         )
         if (
-            self.proxy_protocol != "off"
+            self.proxy_protocol == "v1"
             and self.socket_type != stdlib_socket.SOCK_STREAM
         ):
-            raise ValueError("proxy_protocol is supported for stream servers only")
+            raise ValueError(
+                "proxy_protocol='v1' needs a stream server: PROXY version 1 is "
+                "a line of text for TCP; a datagram server takes 'v2' (or "
+                "'auto', which means v2 for datagrams)"
+            )
         if self.address_family is None:
             self.address_family = _family_of(server_address)
         #: The addresses listened on besides :attr:`server_address`; real
@@ -530,6 +540,24 @@ def _is_trusted(
     )
 
 
+class _RelayedDatagram(tuple[bytes, trio.socket.SocketType]):
+    """A datagram's ``(payload, socket)`` pair, relayed by a PROXY protocol proxy.
+
+    Still the pair a handler unpacks; ``reply_address`` is the proxy that
+    sent it, where the reply must go (the handler's ``reply_address``).
+    Plain datagrams stay plain tuples, which cost less to make.
+    """
+
+    reply_address: Any
+
+    def __new__(
+        cls, payload: bytes, sock: trio.socket.SocketType, reply_address: Any
+    ) -> _RelayedDatagram:
+        datagram = super().__new__(cls, (payload, sock))
+        datagram.reply_address = reply_address
+        return datagram
+
+
 class UDPServer(TCPServer):
     """A datagram server: ``socketserver.UDPServer`` on Trio.
 
@@ -537,6 +565,22 @@ class UDPServer(TCPServer):
     server's socket to reply on; use :class:`DatagramRequestHandler`. A
     datagram longer than :attr:`max_packet_size` is dropped, logged and
     counted in ``stats.malformed`` instead of being handled cut short.
+
+    With :attr:`~TCPServer.proxy_protocol` ``"v2"`` (or ``"auto"``, which
+    means the same here: version 1 is text for TCP only, and ``"v1"`` raises
+    :exc:`ValueError`), every datagram must start with a PROXY protocol
+    version 2 header, as a proxy relaying UDP or Unix datagrams sends it.
+    The header is taken off in the request's task, as for a stream, after
+    ``verify_request`` (which sees the proxy's address and the datagram as
+    received); the handler then gets the payload after the header as its
+    ``packet``, the client the header names as its ``client_address`` (the
+    sender's own for a ``LOCAL`` header or one with no address), and the
+    sender, the proxy that relays the reply, as its
+    :attr:`~DatagramRequestHandler.reply_address`. A datagram whose sender
+    is not in :attr:`~TCPServer.trusted_proxies`, or whose header is missing
+    or malformed, is dropped unhandled, logged at WARNING and counted in
+    ``stats.dropped``, as a stream's would be; the datagrams after it are
+    served as usual.
     """
 
     socket_type = stdlib_socket.SOCK_DGRAM
@@ -575,6 +619,37 @@ class UDPServer(TCPServer):
                 client_address,
                 self.max_packet_size,
             )
+
+    async def _prepare_request(
+        self, request: Any, client_address: Any
+    ) -> tuple[Any, Any] | None:
+        # The PROXY header comes off here, where TCPServer reads its own,
+        # rather than in get_request: verify_request and the per-peer limit
+        # then see the proxy for datagrams as they do for streams, and a bad
+        # header is counted as a stream's is, in stats.dropped (get_request's
+        # drops are never accepted: stats.malformed). The header is all in
+        # hand, so this is a parse without I/O. With PROXY off, a datagram
+        # pays this one comparison and nothing else.
+        if self.proxy_protocol == "off":
+            return request, client_address
+        return self._take_proxy_header(request, client_address)
+
+    def _take_proxy_header(
+        self, request: tuple[bytes, trio.socket.SocketType], sender: Any
+    ) -> tuple[_RelayedDatagram, Any] | None:
+        """The payload and the client a trusted proxy's header names; None to drop."""
+        if not _is_trusted(sender, self._trusted_networks):
+            LOGGER.warning("dropped a datagram from %r: not a trusted proxy", sender)
+            return None
+        data, sock = request
+        try:
+            # Version 2 whatever the mode: version 1 has no datagram form.
+            header, payload = parse_proxy_header(data, "v2")
+        except ProxyProtocolError as exc:
+            LOGGER.warning("dropped a datagram from %r: %s", sender, exc)
+            return None
+        client_address = sender if header.source is None else header.source
+        return _RelayedDatagram(payload, sock, sender), client_address
 
     async def shutdown_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""

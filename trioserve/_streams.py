@@ -92,6 +92,11 @@ class AsyncBufferedReader:
         signal starts: that is how idle connections leave at once on a
         graceful shutdown. A read with bytes of a message in hand keeps
         waiting for the rest.
+      idle_before_first_message: Whether a read waiting for the stream's
+        very first bytes is idle too, for ``shutdown_signal`` (it always is
+        for ``idle_timeout``). False suits a connection a proxy opened on a
+        client's behalf: the client's first bytes are on their way, so the
+        wait gets the grace period like a message in progress.
       idle_timeout: Seconds a read that starts between messages (nothing
         buffered) may take to deliver its message. If nothing arrived it
         returns end-of-stream; if part of a message arrived it raises
@@ -113,6 +118,7 @@ class AsyncBufferedReader:
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         timeout: float | None = None,
         shutdown_signal: ShutdownSignal | None = None,
+        idle_before_first_message: bool = True,
         idle_timeout: float | None = None,
     ) -> None:
         if receive_size < 1:
@@ -130,6 +136,9 @@ class AsyncBufferedReader:
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self._shutdown_signal = shutdown_signal
+        # Whether a wait with nothing buffered is idle for shutdown_signal:
+        # from the first bytes on, or from the start if so asked.
+        self._may_idle = idle_before_first_message
         self._io = SocketIO.of_stream(stream)
 
     @classmethod
@@ -156,8 +165,11 @@ class AsyncBufferedReader:
             if ready is not None:
                 await io.pace()
                 self._eof = not ready
+                self._may_idle = True
                 return ready
         signal = self._shutdown_signal
+        if not self._may_idle:
+            signal = None
         if signal is not None and not self._buffer and io is not None:
             if signal.started:
                 self._eof = True
@@ -181,6 +193,7 @@ class AsyncBufferedReader:
         else:
             data = await self._receive_some(self._stream)
         self._eof = not data
+        self._may_idle = True
         return data
 
     async def _receive_some(self, stream: trio.abc.ReceiveStream) -> bytes | bytearray:
