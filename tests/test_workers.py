@@ -352,3 +352,17 @@ def test_an_address_in_use_fails_before_any_worker_starts() -> None:
     assert stderr.startswith("trioserve: error: cannot serve: ")
     assert "Address already in use" in stderr
     assert "worker" not in stderr
+
+
+def test_a_second_address_in_use_leaves_nothing_bound() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        with run_echo(
+            "--tcp", "127.0.0.1:0", "--tcp", f"{host}:{port}", "--workers", "2"
+        ) as cli:
+            rc, _, stderr = cli.finish()
+    assert rc == 2
+    assert "Address already in use" in stderr
+    assert_clean(stderr)

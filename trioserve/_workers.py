@@ -109,7 +109,7 @@ async def _bind_listeners(server: TCPServer, reuse_port: bool) -> list[_Listener
     wanted = [(server.address_family, server.server_address)]
     wanted += [(_family_of(address), address) for address in server.extra_addresses]
     server.allow_reuse_port = reuse_port
-    listeners = []
+    listeners: list[_Listener] = []
     for family, address in wanted:
         assert family is not None
         sock = trio.socket.socket(family, server.socket_type)
@@ -117,6 +117,7 @@ async def _bind_listeners(server: TCPServer, reuse_port: bool) -> list[_Listener
             bound = await server._bind(sock, address)
         except BaseException:
             sock.close()
+            _close_listeners([listeners])
             raise
         _listen(server, sock)
         listener = _Listener(server, family, bound)
