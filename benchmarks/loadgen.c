@@ -21,6 +21,11 @@
  *             SIGINT (or --duration seconds, so it always stops by itself)
  *             and prints a final JSON line saying how many are still open.
  *
+ * With --idle-conns N, the pingpong and connect modes first open N more
+ * connections, make one round trip on each and hold them idle while the
+ * active ones are measured: the latency of a few busy clients among many
+ * quiet ones.  The report then says how many of those are still open.
+ *
  * The timed modes connect first, then run --warmup seconds unmeasured, then
  * measure for --duration seconds, and print one JSON line on stdout:
  * round trips per second, p50/p99/max latency in microseconds, error
@@ -55,6 +60,14 @@
  * opening thousands at once overflows small listen backlogs (a dropped SYN
  * costs a one-second retransmit), so open them in waves. */
 #define MAX_PENDING_CONNECTS 256
+
+/* Idle connections opened at a time: at most this many are opened and not
+ * yet served (their one round trip not done), which keeps them within the
+ * smallest listen backlog among the servers (asyncio's default, 100).
+ * Opening more at once makes a slow server's accept queue overflow, and
+ * each dropped SYN then waits out a retransmit timeout of one second or
+ * more: 10,000 connections to asyncio took 21 s instead of 1.5. */
+#define MAX_UNSERVED_IDLE 64
 
 /* Read buffer: the echo's bytes are counted, never inspected (TCP), so one
  * shared buffer serves every connection. */
@@ -100,6 +113,7 @@ struct conn {
     uint64_t start_ns; /* when the current round trip started */
     uint64_t seq;      /* UDP: sequence number in flight */
     int retry;         /* connect mode: reopen when the loop comes round */
+    int hold;          /* one round trip, then hold the connection idle */
 };
 
 struct options {
@@ -107,6 +121,7 @@ struct options {
     const char *host;
     int port;
     int conns;
+    int idle_conns; /* pingpong/connect: idle connections held meanwhile */
     size_t size;
     double warmup_s;
     double duration_s;
@@ -127,6 +142,7 @@ static struct options opt = {
     .host = "127.0.0.1",
     .port = 0,
     .conns = 1,
+    .idle_conns = 0,
     .size = 64,
     .warmup_s = 1.0,
     .duration_s = 3.0,
@@ -335,6 +351,10 @@ static void on_readable(struct conn *c) {
 }
 
 static void on_round_trip_done(struct conn *c, uint64_t now) {
+    if (c->hold) {
+        c->state = ST_IDLE; /* not measured: it only had to be served once */
+        return;
+    }
     record(c->start_ns, now);
     if (draining) {
         c->state = ST_IDLE; /* closed, cleanly, once the others are done */
@@ -347,9 +367,6 @@ static void on_round_trip_done(struct conn *c, uint64_t now) {
     case MODE_CONNECT:
         conn_close(c);
         conn_open(c);
-        break;
-    case MODE_IDLE:
-        c->state = ST_IDLE;
         break;
     default:
         break;
@@ -388,9 +405,9 @@ static void handle_tcp_event(struct conn *c, uint32_t events) {
 
 /* ---- TCP modes -------------------------------------------------------- */
 
-/* Open every connection (in waves of MAX_PENDING_CONNECTS) and let each
+/* Open the n connections (in waves of MAX_PENDING_CONNECTS) and let each
  * start its first round trip; return once all are connected. */
-static void open_all(struct conn *conns) {
+static void open_all(struct conn *conns, int n) {
     struct epoll_event events[MAX_EVENTS];
     int opened = 0, pending = 0;
     uint64_t give_up = now_ns() + (uint64_t)(CONNECT_TIMEOUT_S * 1e9);
@@ -405,17 +422,69 @@ static void open_all(struct conn *conns) {
                 if (conn_open(&conns[i]) == 0) pending++;
             }
         }
-        while (opened < opt.conns && pending < MAX_PENDING_CONNECTS) {
+        while (opened < n && pending < MAX_PENDING_CONNECTS) {
             if (conn_open(&conns[opened++]) == 0) pending++;
         }
-        if (connected == opt.conns) return;
+        if (connected == n) return;
         if (now_ns() > give_up) {
             errno = ETIMEDOUT;
             die("opening connections");
         }
-        int n = epoll_wait(epfd, events, MAX_EVENTS, 10);
-        for (int i = 0; i < n; i++) handle_tcp_event(events[i].data.ptr, events[i].events);
+        int got = epoll_wait(epfd, events, MAX_EVENTS, 10);
+        for (int i = 0; i < got; i++) handle_tcp_event(events[i].data.ptr, events[i].events);
     }
+}
+
+/* Open n connections that each make one round trip and are then held idle
+ * (ST_IDLE), MAX_UNSERVED_IDLE at a time; return them once the server has
+ * served every one. */
+static struct conn *open_idle(int n) {
+    struct conn *conns = calloc((size_t)n, sizeof *conns);
+    if (!conns) die("calloc");
+    for (int i = 0; i < n; i++) {
+        conns[i].fd = -1;
+        conns[i].hold = 1;
+    }
+    struct epoll_event events[MAX_EVENTS];
+    uint64_t give_up = now_ns() + (uint64_t)(CONNECT_TIMEOUT_S * 1e9);
+    int opened = 0, first_unserved = 0;
+    for (;;) {
+        /* Connections before first_unserved are all idle: skip them. */
+        while (first_unserved < opened && conns[first_unserved].state == ST_IDLE)
+            first_unserved++;
+        int unserved = 0;
+        for (int i = first_unserved; i < opened; i++) {
+            if (conns[i].state == ST_IDLE) continue;
+            unserved++;
+            if (conns[i].state == ST_FREE) {
+                /* Refused or dropped by the server: try again. */
+                conn_open(&conns[i]);
+                conns[i].retry = 0;
+            }
+        }
+        while (opened < n && unserved < MAX_UNSERVED_IDLE) {
+            conn_open(&conns[opened++]);
+            unserved++;
+        }
+        if (first_unserved == n) return conns;
+        if (now_ns() > give_up) {
+            errno = ETIMEDOUT;
+            die("first round trip on every idle connection");
+        }
+        int got = epoll_wait(epfd, events, MAX_EVENTS, 10);
+        for (int i = 0; i < got; i++) handle_tcp_event(events[i].data.ptr, events[i].events);
+    }
+}
+
+/* How many of the n connections the server has not closed. */
+static int count_open(struct conn *conns, int n) {
+    int open = 0;
+    for (int i = 0; i < n; i++) {
+        if (conns[i].fd < 0) continue;
+        ssize_t got = recv(conns[i].fd, read_buffer, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (got < 0 && errno == EAGAIN) open++;
+    }
+    return open;
 }
 
 /* Reopen every connection marked for retry; a reopened connection starts
@@ -455,7 +524,11 @@ static void run_tcp(void) {
     for (int i = 0; i < opt.conns; i++) conns[i].fd = -1;
     struct epoll_event events[MAX_EVENTS];
 
-    if (opt.mode == MODE_PINGPONG) open_all(conns);
+    uint64_t idle_start = now_ns();
+    struct conn *idle = opt.idle_conns ? open_idle(opt.idle_conns) : NULL;
+    double idle_setup_s = (now_ns() - idle_start) / 1e9;
+
+    if (opt.mode == MODE_PINGPONG) open_all(conns, opt.conns);
     uint64_t t0 = now_ns();
     window_start_ns = t0 + (uint64_t)(opt.warmup_s * 1e9);
     window_end_ns = window_start_ns + (uint64_t)(opt.duration_s * 1e9);
@@ -475,17 +548,26 @@ static void run_tcp(void) {
     }
     cpu_end = cpu_seconds();
     drain_and_close(conns);
+    int idle_open = 0;
+    if (idle) {
+        idle_open = count_open(idle, opt.idle_conns);
+        for (int i = 0; i < opt.idle_conns; i++) conn_close(&idle[i]);
+        free(idle);
+    }
+    free(conns);
     double window = opt.duration_s;
     printf("{\"mode\": \"%s\", \"conns\": %d, \"size\": %zu, \"warmup_s\": %.3f, "
            "\"duration_s\": %.3f, \"round_trips\": %llu, \"rps\": %.1f, "
            "\"p50_us\": %llu, \"p99_us\": %llu, \"max_us\": %llu, \"errors\": %llu, "
-           "\"connect_errors\": %llu, \"cpu_util\": %.3f}\n",
+           "\"connect_errors\": %llu, \"cpu_util\": %.3f, \"idle_conns\": %d, "
+           "\"idle_open\": %d, \"idle_setup_s\": %.3f}\n",
            opt.mode == MODE_PINGPONG ? "pingpong" : "connect", opt.conns, opt.size,
            opt.warmup_s, opt.duration_s, (unsigned long long)st.round_trips,
            st.round_trips / window, (unsigned long long)percentile(0.50),
            (unsigned long long)percentile(0.99), (unsigned long long)max_latency(),
            (unsigned long long)st.errors, (unsigned long long)st.connect_errors,
-           (cpu_end - (cpu_start < 0 ? cpu_end : cpu_start)) / window);
+           (cpu_end - (cpu_start < 0 ? cpu_end : cpu_start)) / window, opt.idle_conns,
+           idle_open, idle_setup_s);
 }
 
 static void on_signal(int sig) {
@@ -494,32 +576,9 @@ static void on_signal(int sig) {
 }
 
 static void run_idle(void) {
-    struct conn *conns = calloc((size_t)opt.conns, sizeof *conns);
-    if (!conns) die("calloc");
-    for (int i = 0; i < opt.conns; i++) conns[i].fd = -1;
     struct epoll_event events[MAX_EVENTS];
     uint64_t t0 = now_ns();
-    uint64_t give_up = t0 + (uint64_t)(CONNECT_TIMEOUT_S * 1e9);
-
-    open_all(conns);
-    /* Wait until every connection has finished its round trip. */
-    for (;;) {
-        int idle = 0;
-        for (int i = 0; i < opt.conns; i++) {
-            if (conns[i].state == ST_IDLE) idle++;
-            else if (conns[i].state == ST_FREE) {
-                /* Dropped by the server during setup: try again. */
-                if (conn_open(&conns[i]) < 0) conns[i].retry = 0;
-            }
-        }
-        if (idle == opt.conns) break;
-        if (now_ns() > give_up) {
-            errno = ETIMEDOUT;
-            die("first round trip on every connection");
-        }
-        int n = epoll_wait(epfd, events, MAX_EVENTS, 10);
-        for (int i = 0; i < n; i++) handle_tcp_event(events[i].data.ptr, events[i].events);
-    }
+    struct conn *conns = open_idle(opt.conns);
     printf("{\"mode\": \"idle\", \"phase\": \"ready\", \"conns\": %d, \"open\": %d, "
            "\"setup_s\": %.3f, \"errors\": %llu, \"connect_errors\": %llu}\n",
            opt.conns, opt.conns, (now_ns() - t0) / 1e9, (unsigned long long)st.errors,
@@ -532,12 +591,7 @@ static void run_idle(void) {
         int n = epoll_wait(epfd, events, MAX_EVENTS, 100);
         for (int i = 0; i < n; i++) handle_tcp_event(events[i].data.ptr, events[i].events);
     }
-    int open = 0;
-    for (int i = 0; i < opt.conns; i++) {
-        if (conns[i].fd < 0) continue;
-        ssize_t n = recv(conns[i].fd, read_buffer, 1, MSG_PEEK | MSG_DONTWAIT);
-        if (n < 0 && errno == EAGAIN) open++;
-    }
+    int open = count_open(conns, opt.conns);
     printf("{\"mode\": \"idle\", \"phase\": \"done\", \"conns\": %d, \"open\": %d, "
            "\"errors\": %llu}\n",
            opt.conns, open, (unsigned long long)st.errors);
@@ -635,7 +689,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --mode pingpong|connect|udp|idle --port PORT [--host IP]\n"
             "               [--conns N] [--size BYTES] [--warmup S] [--duration S]\n"
-            "               [--timeout-ms MS]\n");
+            "               [--timeout-ms MS] [--idle-conns N]\n");
     exit(2);
 }
 
@@ -654,7 +708,7 @@ int main(int argc, char **argv) {
         {"port", required_argument, 0, 'p'},     {"conns", required_argument, 0, 'c'},
         {"size", required_argument, 0, 's'},     {"warmup", required_argument, 0, 'w'},
         {"duration", required_argument, 0, 'd'}, {"timeout-ms", required_argument, 0, 't'},
-        {0, 0, 0, 0},
+        {"idle-conns", required_argument, 0, 'i'}, {0, 0, 0, 0},
     };
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -673,11 +727,13 @@ int main(int argc, char **argv) {
         case 'w': opt.warmup_s = atof(optarg); break;
         case 'd': opt.duration_s = atof(optarg); break;
         case 't': opt.timeout_ms = atoi(optarg); break;
+        case 'i': opt.idle_conns = atoi(optarg); break;
         default: usage();
         }
     }
     if (opt.port <= 0 || opt.port > 65535 || opt.conns < 1 || opt.size < 1 ||
-        opt.duration_s <= 0 || opt.warmup_s < 0)
+        opt.duration_s <= 0 || opt.warmup_s < 0 || opt.idle_conns < 0 ||
+        (opt.idle_conns && opt.mode != MODE_PINGPONG && opt.mode != MODE_CONNECT))
         usage();
 
     server_addr.sin_family = AF_INET;
