@@ -373,6 +373,11 @@ def build_servers(
     return servers
 
 
+# Workers bind their addresses through the supervisor; a socket handed to
+# the process has no address to bind again.
+WORKERS_NEED_ADDRESSES = "--workers cannot serve --fd or socket-activated sockets"
+
+
 def _inherited(server: BaseServer) -> bool:
     """Whether the server serves a socket it was handed, not one it binds."""
     return isinstance(server, TCPServer) and server._activated
@@ -518,13 +523,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
     try:
+        # --fd is refused before its socket is taken; systemd's sockets show
+        # only once the servers are made.
         if args.workers is not None and args.fd:
-            raise UsageError("--workers cannot serve --fd or socket-activated sockets")
+            raise UsageError(WORKERS_NEED_ADDRESSES)
         servers = _servers_for(args)
         if args.workers is None:
             graceful = trio.run(_run, servers)
         elif any(_inherited(server) for server in servers):
-            raise UsageError("--workers cannot serve --fd or socket-activated sockets")
+            raise UsageError(WORKERS_NEED_ADDRESSES)
         else:
             graceful = trio.run(_run_workers, args, servers)
     except UsageError as exc:

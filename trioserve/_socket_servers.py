@@ -241,9 +241,13 @@ class TCPServer(BaseServer):
         self.server_address = self._socket.getsockname()
         self.extra_addresses = [sock.getsockname() for sock in self._extra_sockets]
         self._activated = True
+        for listener in listeners:
+            self._listen(listener)
+
+    def _listen(self, sock: trio.socket.SocketType) -> None:
+        """Put a bound stream socket to listen; a datagram socket needs nothing."""
         if self.socket_type == stdlib_socket.SOCK_STREAM:
-            for listener in listeners:
-                listener.listen(self.request_queue_size)
+            sock.listen(self.request_queue_size)
 
     def _new_socket(self) -> trio.socket.SocketType:
         assert self.address_family is not None
@@ -346,7 +350,7 @@ class TCPServer(BaseServer):
     async def server_activate(self) -> None:
         """Listen on every listener, with a backlog of :attr:`request_queue_size`."""
         for sock in self.sockets:
-            sock.listen(self.request_queue_size)
+            self._listen(sock)
         await trio.lowlevel.checkpoint()
 
     async def server_close(self) -> None:

@@ -85,13 +85,8 @@ class _Listener:
             except BaseException:
                 sock.close()
                 raise
-            _listen(self.server, sock)
+            self.server._listen(sock)
         return sock
-
-
-def _listen(server: TCPServer, sock: trio.socket.SocketType) -> None:
-    if server.socket_type == stdlib_socket.SOCK_STREAM:
-        sock.listen(server.request_queue_size)
 
 
 async def _bind_listeners(server: TCPServer, reuse_port: bool) -> list[_Listener]:
@@ -119,7 +114,7 @@ async def _bind_listeners(server: TCPServer, reuse_port: bool) -> list[_Listener
             sock.close()
             _close_listeners([listeners])
             raise
-        _listen(server, sock)
+        server._listen(sock)
         listener = _Listener(server, family, bound)
         if reuse_port and family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
             listener.spare = sock
@@ -337,11 +332,12 @@ def _worker_main(
     # alone, which tells us once. Two SIGINTs would force the shutdown.
     os.setpgid(0, 0)
     try:
-        servers = list(make_servers())
-        if [len(socks) for socks in sockets] != [_listener_count(s) for s in servers]:
+        made = list(make_servers())
+        servers = [server for server in made if isinstance(server, TCPServer)]
+        listeners = [len(server.server_addresses) for server in servers]
+        if len(servers) != len(made) or listeners != [len(s) for s in sockets]:
             raise RuntimeError("make_servers() made different servers in a worker")
         for server, socks in zip(servers, sockets, strict=True):
-            assert isinstance(server, TCPServer)
             server._adopt(socks)
     except BaseException:
         for socks in sockets:
@@ -362,7 +358,7 @@ class _ReportReady:
         self.report.send(("ready", None))
 
 
-async def _serve_worker(servers: list[BaseServer], report: Connection) -> bool:
+async def _serve_worker(servers: Sequence[BaseServer], report: Connection) -> bool:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_when_orphaned)
         graceful = await serve_until_signalled(
@@ -381,10 +377,6 @@ async def _stop_when_orphaned() -> None:
     await trio.lowlevel.wait_readable(parent.sentinel)
     LOGGER.error("the supervisor has gone: shutting down")
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _listener_count(server: BaseServer) -> int:
-    return len(getattr(server, "server_addresses", [None]))
 
 
 async def serve_in_workers(
