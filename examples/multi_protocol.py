@@ -34,7 +34,7 @@ import trioserve
 class Shout(trioserve.BaseRequestHandler):
     """The protocol, independent of the transport."""
 
-    rfile: trioserve.AsyncBufferedReader
+    rfile: trioserve.AsyncBufferedReader | trioserve.AsyncPacketReader
     wfile: trioserve.AsyncBufferedWriter | trioserve.AsyncPacketWriter
 
     async def handle(self) -> None:
@@ -45,10 +45,12 @@ class Shout(trioserve.BaseRequestHandler):
 # The mixin comes first, so its handle() wins; the base supplies setup()
 # and finish(), which make rfile/wfile and (for datagrams) send the reply.
 class StreamShout(Shout, trioserve.StreamRequestHandler):
+    rfile: trioserve.AsyncBufferedReader
     wfile: trioserve.AsyncBufferedWriter
 
 
 class DatagramShout(Shout, trioserve.DatagramRequestHandler):
+    rfile: trioserve.AsyncPacketReader
     wfile: trioserve.AsyncPacketWriter
 
 

@@ -30,6 +30,7 @@ from trio.testing import wait_all_tasks_blocked
 from trioserve import (
     AsyncBufferedReader,
     AsyncBufferedWriter,
+    AsyncPacketReader,
     AsyncPacketWriter,
     LineTooLong,
 )
@@ -369,8 +370,7 @@ async def test_last_line_of_exactly_max_line_length_without_newline(
 ) -> None:
     line = b"12345678"  # 8 bytes, the stream's last line, no newline
     if source == "datagram":
-        reader = AsyncBufferedReader.from_bytes(line, max_line_length=8)
-        assert await reader.readline() == line
+        assert await AsyncPacketReader(line, max_line_length=8).readline() == line
         return
     async with socket_stream_pair() as (near, far):
         reader = AsyncBufferedReader(near, max_line_length=8)
@@ -385,34 +385,65 @@ async def test_last_line_of_exactly_max_line_length_without_newline(
     [{"receive_size": 0}, {"max_line_length": 0}],
     ids=["receive_size", "max_line_length"],
 )
-def test_sizes_below_one_are_rejected(kwargs: dict[str, int]) -> None:
+async def test_sizes_below_one_are_rejected(kwargs: dict[str, int]) -> None:
+    near, _ = trio.testing.memory_stream_pair()
     with pytest.raises(ValueError, match="must be at least 1"):
-        AsyncBufferedReader(None, **kwargs)
+        AsyncBufferedReader(near, **kwargs)
+    with pytest.raises(ValueError, match="must be at least 1"):
+        AsyncPacketReader(b"", max_line_length=0)
 
 
-# --- from_bytes (datagrams) -------------------------------------------------------
+# --- AsyncPacketReader (datagrams) --------------------------------------------------
 
 
-async def test_from_bytes_reads_a_datagram_and_ends_with_it() -> None:
-    reader = AsyncBufferedReader.from_bytes(b"a\nbb\nrest")
+async def test_packet_reader_reads_a_datagram_and_ends_with_it() -> None:
+    reader = AsyncPacketReader(b"a\nbb\nrest")
     with trio.fail_after(HANG_LIMIT):
         assert await reader.readline() == b"a\n"
         assert await reader.read(2) == b"bb"
         assert await reader.read1(1) == b"\n"
-        assert await reader.read() == b"rest"
+        assert await reader.read(9) == b"rest"  # fewer: the datagram ended
         assert await reader.readline() == b""
         assert await reader.read(1) == b""
         assert await reader.read1() == b""
+        assert await reader.read() == b""
 
 
-async def test_from_bytes_async_for_and_max_line_length() -> None:
+async def test_packet_reader_async_for_and_max_line_length() -> None:
     with trio.fail_after(HANG_LIMIT):
-        reader = AsyncBufferedReader.from_bytes(b"x\ny\nz")
+        reader = AsyncPacketReader(b"x\ny\nz")
         assert [line async for line in reader] == [b"x\n", b"y\n", b"z"]
-        reader = AsyncBufferedReader.from_bytes(b"1234\n12345\n", max_line_length=5)
+        reader = AsyncPacketReader(b"1234\n12345\n123456", max_line_length=5)
         assert await reader.readline() == b"1234\n"  # exactly the limit
         with pytest.raises(LineTooLong):
             await reader.readline()
+        # The last line, without its newline, is held to the limit too.
+        assert await AsyncPacketReader(b"12345", max_line_length=5).readline()
+        with pytest.raises(LineTooLong):
+            await AsyncPacketReader(b"123456", max_line_length=5).readline()
+
+
+async def test_packet_reader_hands_over_the_whole_datagram_uncopied() -> None:
+    packet = b"one datagram\n" * 10
+    assert await AsyncPacketReader(packet).read1() is packet
+    assert await AsyncPacketReader(packet).read() is packet
+
+
+async def test_packet_reader_never_yields_to_the_scheduler() -> None:
+    # A datagram handler runs in the receive loop; a read that yielded would
+    # cost a scheduler round trip per datagram. Inside a cancelled scope any
+    # checkpoint would raise Cancelled, so getting through proves there was
+    # none.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        reader = AsyncPacketReader(b"a\nb")
+        assert [line async for line in reader] == [b"a\n", b"b"]
+        assert await reader.read1() == b""
+        assert await reader.read() == b""
+        wfile = AsyncPacketWriter()
+        await wfile.write(b"reply")
+        await wfile.flush()
+    assert not scope.cancelled_caught
 
 
 # --- read timeout -------------------------------------------------------------------
@@ -927,6 +958,50 @@ def test_line_too_long_exactly_when_a_line_exceeds_the_limit(
         assert raised
         assert lines == expected[:first_bad]
         assert buffered <= max_line_length + receive_size
+
+
+async def apply_reads(
+    reader: AsyncBufferedReader | AsyncPacketReader, ops: list[tuple[str, int]]
+) -> list[bytes | str]:
+    """Each op's result in turn, ``"LineTooLong"`` ending the list if raised."""
+    results: list[bytes | str] = []
+    for name, n in ops:
+        try:
+            if name == "readline":
+                results.append(await reader.readline())
+            elif name == "read":
+                results.append(await reader.read(n))
+            else:
+                results.append(await reader.read1(n))
+        except LineTooLong:
+            results.append("LineTooLong")
+            break
+    return results
+
+
+@PROPERTY_SETTINGS
+@hypothesis.given(
+    payload=st.lists(st.one_of(st.just(b"\n"), st.binary(max_size=6))).map(b"".join),
+    ops=READ_OPS,
+    max_line_length=st.integers(1, 10),
+)
+def test_packet_reader_reads_as_a_stream_of_that_one_datagram_would(
+    payload: bytes, ops: list[tuple[str, int]], max_line_length: int
+) -> None:
+    # Delivered in one chunk, the payload is all a stream reader has too, so
+    # every read (read1 included) must give exactly the same bytes.
+    ops = [*ops, ("read", -1), ("readline", 0)]  # then the rest, then the end
+    from_stream = trio.run(
+        feed_chunks,
+        [payload] if payload else [],
+        max(len(payload), 1),
+        lambda reader: apply_reads(reader, ops),
+        max_line_length,
+    )
+    from_packet = trio.run(
+        apply_reads, AsyncPacketReader(payload, max_line_length=max_line_length), ops
+    )
+    assert from_packet == from_stream
 
 
 async def test_ready_reads_still_checkpoint_so_a_flood_cannot_starve_others() -> None:

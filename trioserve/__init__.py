@@ -9,6 +9,7 @@ from ._stats import ServerStats
 from ._streams import (
     AsyncBufferedReader,
     AsyncBufferedWriter,
+    AsyncPacketReader,
     AsyncPacketWriter,
     LineTooLong,
 )
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncBufferedReader",
     "AsyncBufferedWriter",
+    "AsyncPacketReader",
     "AsyncPacketWriter",
     "BaseRequestHandler",
     "BaseServer",

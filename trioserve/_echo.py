@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
-from ._streams import AsyncBufferedReader, AsyncBufferedWriter, AsyncPacketWriter
+from ._streams import (
+    AsyncBufferedReader,
+    AsyncBufferedWriter,
+    AsyncPacketReader,
+    AsyncPacketWriter,
+)
 
 
 class EchoHandler(BaseRequestHandler):
@@ -13,7 +18,7 @@ class EchoHandler(BaseRequestHandler):
     because both give ``rfile`` and ``wfile`` the same async interface.
     """
 
-    rfile: AsyncBufferedReader
+    rfile: AsyncBufferedReader | AsyncPacketReader
     wfile: AsyncBufferedWriter | AsyncPacketWriter
 
     async def handle(self) -> None:
@@ -24,6 +29,7 @@ class EchoHandler(BaseRequestHandler):
 class EchoStreamHandler(EchoHandler, StreamRequestHandler):
     """Echo over TCP or a Unix stream socket."""
 
+    rfile: AsyncBufferedReader
     wfile: AsyncBufferedWriter
 
 
@@ -36,4 +42,5 @@ class EchoDatagramHandler(EchoHandler, DatagramRequestHandler):
 
     inline = True
 
+    rfile: AsyncPacketReader
     wfile: AsyncPacketWriter

@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._shielding import await_shielded, opens_no_cancel_scope_before_waiting
 from ._socketio import send_datagram
 from ._streams import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_RECEIVE_SIZE,
     AsyncBufferedReader,
     AsyncBufferedWriter,
+    AsyncPacketReader,
     AsyncPacketWriter,
 )
 
@@ -59,6 +61,7 @@ class BaseRequestHandler:
     async def handle(self) -> None:
         """Serve the request. Does nothing by default; override this."""
 
+    @opens_no_cancel_scope_before_waiting
     async def finish(self) -> None:
         """Clean up after :meth:`handle`. Does nothing by default."""
 
@@ -69,11 +72,7 @@ async def run_handler(handler: BaseRequestHandler) -> None:
     try:
         await handler.handle()
     finally:
-        with trio.CancelScope(shield=True) as scope:
-            if handler.finish_timeout is not None:
-                scope.relative_deadline = handler.finish_timeout
-            await handler.finish()
-        if scope.cancelled_caught:
+        if await await_shielded(handler.finish, timeout=handler.finish_timeout):
             LOGGER.warning(
                 "finish() of %s for %r was cut off after finish_timeout (%s s)",
                 type(handler).__name__,
@@ -150,12 +149,12 @@ class DatagramRequestHandler(BaseRequestHandler):
 
     ``self.request`` is the pair ``(data, socket)``; :meth:`setup` unpacks
     it into ``self.packet`` and ``self.socket``, sets
-    :attr:`reply_address`, and makes ``self.rfile`` a reader over the
-    datagram's bytes and ``self.wfile`` an
-    :class:`~trioserve.AsyncPacketWriter`. :meth:`finish` sends whatever was
-    written to :attr:`reply_address` (``client_address``, unless a PROXY
-    protocol proxy relayed the datagram) as one datagram; nothing is sent if
-    nothing was written. ``rfile`` and ``wfile`` have the same async
+    :attr:`reply_address`, and makes ``self.rfile`` an
+    :class:`~trioserve.AsyncPacketReader` over the datagram's bytes and
+    ``self.wfile`` an :class:`~trioserve.AsyncPacketWriter`. :meth:`finish`
+    sends whatever was written to :attr:`reply_address` (``client_address``,
+    unless a PROXY protocol proxy relayed the datagram) as one datagram;
+    nothing is sent if nothing was written. ``rfile`` and ``wfile`` have the same async
     interface as :class:`StreamRequestHandler`'s, so one ``handle()`` body,
     written as a mixin, serves streams and datagrams alike.
     """
@@ -173,7 +172,7 @@ class DatagramRequestHandler(BaseRequestHandler):
     #: relays it to the client: that is ``reply_address``. A handler that
     #: sends replies of its own should send them here too.
     reply_address: Any
-    rfile: AsyncBufferedReader
+    rfile: AsyncPacketReader
     wfile: AsyncPacketWriter
 
     async def setup(self) -> None:
@@ -187,11 +186,12 @@ class DatagramRequestHandler(BaseRequestHandler):
         # sender with the request (a pair with that attribute); otherwise the
         # reply goes to the client.
         self.reply_address = getattr(request, "reply_address", self.client_address)
-        self.rfile = AsyncBufferedReader.from_bytes(
+        self.rfile = AsyncPacketReader(
             self.packet, max_line_length=self.max_line_length
         )
         self.wfile = AsyncPacketWriter()
 
+    @opens_no_cancel_scope_before_waiting
     async def finish(self) -> None:
         """Send what was written to ``wfile``, if anything, to ``reply_address``.
 

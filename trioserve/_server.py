@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from ._handlers import BaseRequestHandler, run_handler
+from ._shielding import await_shielded
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
 from ._streams import LineTooLong
@@ -540,8 +541,9 @@ class BaseServer:
             )
 
     async def _close_request(self, request: Any) -> None:
-        with trio.CancelScope(shield=True, relative_deadline=REQUEST_CLOSE_TIMEOUT):
-            await self.shutdown_request(request)
+        await await_shielded(
+            self.shutdown_request, request, timeout=REQUEST_CLOSE_TIMEOUT
+        )
 
     # -- shutdown ----------------------------------------------------------
 

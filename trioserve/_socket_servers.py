@@ -23,6 +23,7 @@ from ._proxy import (
     parse_proxy_header,
 )
 from ._server import DEFAULT, BaseServer, _Default
+from ._shielding import opens_no_cancel_scope_before_waiting
 from ._socketio import Pacer, receive_datagram, stdlib_socket_of
 
 LOGGER = logging.getLogger("trioserve")
@@ -655,14 +656,9 @@ class UDPServer(TCPServer):
         client_address = sender if header.source is None else header.source
         return _RelayedDatagram(payload, sock, sender), client_address
 
+    @opens_no_cancel_scope_before_waiting
     async def shutdown_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
-
-    async def _close_request(self, request: Any) -> None:
-        # A datagram holds no socket of its own, so cancellation has nothing
-        # to leak here: no need for the shielded scope that streams get,
-        # which would cost a cancel scope per datagram.
-        await self.shutdown_request(request)
 
     async def close_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""

@@ -53,6 +53,17 @@ def _nbytes(data: bytes | bytearray | memoryview) -> int:
 _UNTIMED = contextlib.nullcontext()
 
 
+def _check_max_line_length(max_line_length: int) -> None:
+    if max_line_length < 1:
+        raise ValueError("max_line_length must be at least 1")
+
+
+def _line_too_long(max_line_length: int) -> LineTooLong:
+    return LineTooLong(
+        f"line longer than max_line_length ({max_line_length} bytes) without a newline"
+    )
+
+
 class _Guard:
     """Refuses a second task while one is inside, as Trio's streams do.
 
@@ -79,9 +90,7 @@ class AsyncBufferedReader:
     """A buffered reader over a :class:`trio.abc.ReceiveStream`: a handler's ``rfile``.
 
     Args:
-      stream: The stream to read, or ``None`` for a reader over ``initial``
-        alone (a datagram's bytes).
-      initial: Bytes already received, returned before anything else.
+      stream: The stream to read.
       receive_size: The most bytes one receive asks the stream for.
       max_line_length: The longest line :meth:`readline` returns, in bytes,
         counting its ``\\n``.
@@ -111,9 +120,8 @@ class AsyncBufferedReader:
 
     def __init__(
         self,
-        stream: trio.abc.ReceiveStream | None,
+        stream: trio.abc.ReceiveStream,
         *,
-        initial: bytes = b"",
         receive_size: int = DEFAULT_RECEIVE_SIZE,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         timeout: float | None = None,
@@ -123,11 +131,10 @@ class AsyncBufferedReader:
     ) -> None:
         if receive_size < 1:
             raise ValueError("receive_size must be at least 1")
-        if max_line_length < 1:
-            raise ValueError("max_line_length must be at least 1")
+        _check_max_line_length(max_line_length)
         self._stream = stream
-        self._buffer = bytearray(initial)
-        self._eof = stream is None
+        self._buffer = bytearray()
+        self._eof = False
         # Bytes at the front of the buffer already searched for b"\n".
         self._scanned = 0
         self._reading = _Guard("reading from this file")
@@ -141,13 +148,6 @@ class AsyncBufferedReader:
         self._may_idle = idle_before_first_message
         self._io = SocketIO.of_stream(stream)
 
-    @classmethod
-    def from_bytes(
-        cls, data: bytes, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH
-    ) -> AsyncBufferedReader:
-        """A reader over ``data`` alone: it ends where ``data`` ends."""
-        return cls(None, initial=data, max_line_length=max_line_length)
-
     async def _receive(self) -> bool:
         """Append one chunk from the stream to the buffer; False at end of stream."""
         data = await self._receive_chunk()
@@ -156,7 +156,7 @@ class AsyncBufferedReader:
 
     async def _receive_chunk(self) -> bytes | bytearray:
         """The stream's next chunk (``b""`` at its end), leaving the buffer alone."""
-        if self._eof or self._stream is None:
+        if self._eof:
             await trio.lowlevel.checkpoint()
             return b""
         io = self._io
@@ -260,19 +260,13 @@ class AsyncBufferedReader:
             end = self._buffer.find(b"\n", self._scanned) + 1
             if end:
                 if end > self.max_line_length:
-                    raise LineTooLong(self._too_long_message())
+                    raise _line_too_long(self.max_line_length)
                 return self._take(end)
             self._scanned = len(self._buffer)
             if self._scanned > self.max_line_length:
-                raise LineTooLong(self._too_long_message())
+                raise _line_too_long(self.max_line_length)
             if not await self._receive():
                 return self._take(len(self._buffer))
-
-    def _too_long_message(self) -> str:
-        return (
-            f"line longer than max_line_length ({self.max_line_length} bytes) "
-            "without a newline"
-        )
 
     async def read(self, n: int = -1) -> bytes:
         """Return ``n`` bytes, fewer only at end of stream; ``n < 0`` reads to the end.
@@ -410,6 +404,77 @@ class AsyncBufferedWriter:
             await io.wait_writable()
             return
         raise TimeoutError(f"peer took no data for {self.timeout} seconds")
+
+
+class AsyncPacketReader:
+    """A datagram handler's ``rfile``: reads the bytes of one datagram.
+
+    It has the reading interface of :class:`AsyncBufferedReader`
+    (:meth:`readline`, :meth:`read`, :meth:`read1`, ``async for``), so one
+    ``handle()`` body serves streams and datagrams alike; the datagram is its
+    whole stream, so it ends where the datagram ends. Everything is in hand,
+    so no read waits: like :class:`AsyncPacketWriter`, it never yields to
+    Trio's scheduler, which keeps a datagram's handler as cheap as a plain
+    function call.
+
+    Args:
+      data: The datagram's bytes.
+      max_line_length: The longest line :meth:`readline` returns, in bytes,
+        counting its ``\\n``.
+
+    Errors:
+      :exc:`LineTooLong` from :meth:`readline`.
+    """
+
+    __slots__ = ("_data", "_position", "max_line_length")
+
+    def __init__(
+        self, data: bytes, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH
+    ) -> None:
+        _check_max_line_length(max_line_length)
+        self._data = data
+        self._position = 0
+        self.max_line_length = max_line_length
+
+    def _take(self, end: int) -> bytes:
+        start = self._position
+        end = min(end, len(self._data))
+        self._position = end
+        if start == 0 and end == len(self._data):
+            # The whole datagram: the bytes object itself, not a copy.
+            return self._data
+        return self._data[start:end]
+
+    async def readline(self) -> bytes:
+        """Return the next line with its ``\\n``; ``b""`` at the datagram's end.
+
+        The last line may lack its ``\\n``.
+
+        Raises:
+          LineTooLong: the line is longer than ``max_line_length``.
+        """
+        start = self._position
+        end = self._data.find(b"\n", start) + 1 or len(self._data)
+        if end - start > self.max_line_length:
+            raise _line_too_long(self.max_line_length)
+        return self._take(end)
+
+    async def read(self, n: int = -1) -> bytes:
+        """Return ``n`` bytes, fewer only at the datagram's end; ``n < 0``: the rest."""
+        return self._take(len(self._data) if n < 0 else self._position + n)
+
+    async def read1(self, n: int = -1) -> bytes:
+        """The same as :meth:`read`: the whole datagram is one receive."""
+        return self._take(len(self._data) if n < 0 else self._position + n)
+
+    def __aiter__(self) -> AsyncPacketReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
 
 
 class AsyncPacketWriter:
