@@ -1,0 +1,152 @@
+"""Cleanup shielded from cancellation, with the shield deferred to the first wait."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from trioserve._shielding import await_shielded, opens_no_cancel_scope_before_waiting
+
+# Long enough to pass for "never" under the autojump clock.
+FOREVER = 1000.0
+
+
+class Cleanup:
+    """Cleanups that record how far they got."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.released = trio.Event()
+
+    async def at_once(self) -> None:
+        self.steps.append("done")
+
+    async def until_released(self) -> None:
+        # Event.wait opens no cancel scope (trio.sleep would: it waits inside
+        # a move_on_at), so this one may be marked.
+        self.steps.append("waiting")
+        await self.released.wait()
+        self.steps.append("done")
+
+    async def in_a_scope_of_its_own(self) -> None:
+        # Waits inside a cancel scope it opened before its first wait: a
+        # deferred shield would be nested inside that scope, and Trio refuses
+        # to close them in that order. So it must not be marked.
+        with trio.move_on_after(FOREVER):
+            self.steps.append("waiting")
+            await self.released.wait()
+        self.steps.append("done")
+
+
+class Deferred(Cleanup):
+    """The same cleanups, marked: their shields are deferred."""
+
+    at_once = opens_no_cancel_scope_before_waiting(Cleanup.at_once)
+    until_released = opens_no_cancel_scope_before_waiting(Cleanup.until_released)
+
+
+@pytest.fixture(params=["deferred", "from-the-start"])
+def cleanup(request: pytest.FixtureRequest) -> Cleanup:
+    """A marked or an unmarked cleanup: both must behave alike."""
+    return Deferred() if request.param == "deferred" else Cleanup()
+
+
+@asynccontextmanager
+async def released_after(cleanup: Cleanup, seconds: float) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+
+        async def release() -> None:
+            await trio.sleep(seconds)
+            cleanup.released.set()
+
+        nursery.start_soon(release)
+        yield
+
+
+async def test_runs_to_the_end_although_cancelled_before_it_starts(
+    cleanup: Cleanup, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with released_after(cleanup, 5):
+        with trio.CancelScope() as outer:
+            outer.cancel()
+            cut_off = await await_shielded(cleanup.until_released, timeout=10)
+            # The shield ends with the cleanup: the cancellation is still on.
+            with pytest.raises(trio.Cancelled):
+                await trio.lowlevel.checkpoint()
+    assert not cut_off
+    assert cleanup.steps == ["waiting", "done"]
+    assert trio.current_time() == pytest.approx(5)
+
+
+async def test_runs_to_the_end_although_cancelled_while_it_waits(
+    cleanup: Cleanup, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with released_after(cleanup, 5):
+        with trio.move_on_after(1) as outer:
+            assert not await await_shielded(cleanup.until_released, timeout=10)
+            await trio.lowlevel.checkpoint()
+    assert outer.cancelled_caught
+    assert cleanup.steps == ["waiting", "done"]
+    assert trio.current_time() == pytest.approx(5)
+
+
+async def test_timeout_cuts_it_off(
+    cleanup: Cleanup, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with released_after(cleanup, FOREVER):
+        assert await await_shielded(cleanup.until_released, timeout=2)
+        assert cleanup.steps == ["waiting"]
+        assert trio.current_time() == pytest.approx(2)
+        cleanup.released.set()
+
+
+async def test_without_a_timeout_it_waits_as_long_as_it_takes(
+    cleanup: Cleanup, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with released_after(cleanup, 500):
+        assert not await await_shielded(cleanup.until_released, timeout=None)
+    assert trio.current_time() == pytest.approx(500)
+
+
+async def test_a_marked_cleanup_that_does_not_wait_never_yields() -> None:
+    cleanup = Deferred()
+    with trio.CancelScope() as outer:
+        outer.cancel()
+        assert not await await_shielded(cleanup.at_once, timeout=1)
+    assert cleanup.steps == ["done"]
+    # Not even a checkpoint: nothing raised the outer scope's Cancelled.
+    assert not outer.cancelled_caught
+
+
+async def test_an_unmarked_cleanup_may_wait_in_a_scope_of_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cleanup = Cleanup()
+    async with released_after(cleanup, 3):
+        with trio.CancelScope() as outer:
+            outer.cancel()
+            assert not await await_shielded(cleanup.in_a_scope_of_its_own, timeout=10)
+    assert cleanup.steps == ["waiting", "done"]
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+async def test_errors_propagate_whether_raised_before_or_after_waiting(
+    deferred: bool,
+) -> None:
+    async def fails_at_once() -> None:
+        raise ValueError("before")
+
+    async def fails_after_waiting() -> None:
+        await trio.lowlevel.checkpoint()
+        raise ValueError("after")
+
+    failures = ((fails_at_once, "before"), (fails_after_waiting, "after"))
+    for function, message in failures:
+        if deferred:
+            opens_no_cancel_scope_before_waiting(function)
+        with pytest.raises(ValueError, match=message):
+            await await_shielded(function, timeout=1)
