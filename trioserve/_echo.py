@@ -24,6 +24,9 @@ class EchoHandler(BaseRequestHandler):
     async def handle(self) -> None:
         while chunk := await self.rfile.read1():
             await self.wfile.write(chunk)
+            # Let it go before the next read: an idle connection would hold
+            # it for as long as it stays idle.
+            del chunk
 
 
 class EchoStreamHandler(EchoHandler, StreamRequestHandler):

@@ -64,28 +64,6 @@ def _line_too_long(max_line_length: int) -> LineTooLong:
     )
 
 
-class _Guard:
-    """Refuses a second task while one is inside, as Trio's streams do.
-
-    Two tasks interleaving reads (or writes) on one file would corrupt its
-    buffer between awaits; this makes that a loud error instead.
-    """
-
-    __slots__ = ("_action", "_busy")
-
-    def __init__(self, action: str) -> None:
-        self._action = action
-        self._busy = False
-
-    def __enter__(self) -> None:
-        if self._busy:
-            raise trio.BusyResourceError(f"another task is already {self._action}")
-        self._busy = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._busy = False
-
-
 class AsyncBufferedReader:
     """A buffered reader over a :class:`trio.abc.ReceiveStream`: a handler's ``rfile``.
 
@@ -137,7 +115,8 @@ class AsyncBufferedReader:
         self._eof = False
         # Bytes at the front of the buffer already searched for b"\n".
         self._scanned = 0
-        self._reading = _Guard("reading from this file")
+        # Whether a task is reading: see _start_reading.
+        self._reading = False
         self.receive_size = receive_size
         self.max_line_length = max_line_length
         self.timeout = timeout
@@ -159,57 +138,59 @@ class AsyncBufferedReader:
         if self._eof:
             await trio.lowlevel.checkpoint()
             return b""
-        io = self._io
-        if io is not None:
-            ready = io.try_receive(self.receive_size)
-            if ready is not None:
-                await io.pace()
-                self._eof = not ready
-                self._may_idle = True
-                return ready
         signal = self._shutdown_signal
-        if not self._may_idle:
+        if not self._may_idle or self._buffer:
             signal = None
-        if signal is not None and not self._buffer and io is not None:
-            if signal.started:
-                self._eof = True
-                return b""
-            idle = signal.idle_sockets
-            idle.add(io.sock)
-            try:
+        io = self._io
+        data: bytes | bytearray | None
+        if io is None:
+            if signal is None:
                 data = await self._receive_some(self._stream)
-            finally:
-                idle.discard(io.sock)
-        elif signal is not None and not self._buffer:
-            scope = signal.open_idle_scope()
-            try:
-                with scope:
-                    data = await self._receive_some(self._stream)
-            finally:
-                signal.close_idle_scope(scope)
-            if scope.cancelled_caught:
-                self._eof = True
-                return b""
+            else:
+                scope = signal.open_idle_scope()
+                data = b""  # What the wait returns if shutdown ends it.
+                try:
+                    with scope:
+                        data = await self._receive_some(self._stream)
+                finally:
+                    signal.close_idle_scope(scope)
+        elif (data := io.try_receive(self.receive_size)) is not None:
+            await io.pace()
+        elif signal is not None and signal.started:
+            data = b""
         else:
-            data = await self._receive_some(self._stream)
+            # Waited for here rather than in a helper: every coroutine between
+            # the handler and the wait costs on each wake-up, and an idle
+            # connection keeps them all in memory for as long as it is idle.
+            if signal is not None:
+                signal.idle_sockets.add(io.sock)
+            try:
+                if self.timeout is None:
+                    # Not under a null context, whose bound __exit__ the
+                    # wait would keep too.
+                    while data is None:
+                        await trio.lowlevel.wait_readable(io.sock)
+                        data = io.try_receive(self.receive_size)
+                else:
+                    with trio.move_on_after(self.timeout):
+                        while data is None:
+                            await trio.lowlevel.wait_readable(io.sock)
+                            data = io.try_receive(self.receive_size)
+            finally:
+                if signal is not None:
+                    signal.idle_sockets.discard(io.sock)
+            if data is None:
+                raise self._timeout_error()
         self._eof = not data
         self._may_idle = True
         return data
 
     async def _receive_some(self, stream: trio.abc.ReceiveStream) -> bytes | bytearray:
-        io = self._io
+        """``receive_some`` on a stream other than a plain socket (TLS, say)."""
         timer = _UNTIMED if self.timeout is None else trio.move_on_after(self.timeout)
         try:
             with timer:
-                if io is None:
-                    return await stream.receive_some(self.receive_size)
-                # Inline rather than a helper: every frame between the
-                # handler and the wait costs on each wake-up.
-                while True:
-                    await trio.lowlevel.wait_readable(io.sock)
-                    data = io.try_receive(self.receive_size)
-                    if data is not None:
-                        return data
+                return await stream.receive_some(self.receive_size)
         except trio.BrokenResourceError as exc:
             # Most TLS clients close without sending close_notify. Take that
             # as the end of the stream, as web servers do; a protocol that
@@ -217,7 +198,10 @@ class AsyncBufferedReader:
             if isinstance(exc.__cause__, ssl.SSLEOFError):
                 return b""
             raise
-        raise TimeoutError(f"no data received for {self.timeout} seconds")
+        raise self._timeout_error()
+
+    def _timeout_error(self) -> TimeoutError:
+        return TimeoutError(f"no data received for {self.timeout} seconds")
 
     def _take(self, size: int) -> bytes:
         if size >= len(self._buffer):
@@ -242,6 +226,17 @@ class AsyncBufferedReader:
         self._eof = True
         return b""
 
+    def _start_reading(self) -> None:
+        # Two tasks interleaving reads would corrupt the buffer between
+        # awaits: that is a loud error instead, as in Trio's streams. A flag
+        # rather than a context manager, whose bound __exit__ a read would
+        # keep for as long as its connection stays idle.
+        if self._reading:
+            raise trio.BusyResourceError(
+                "another task is already reading from this file"
+            )
+        self._reading = True
+
     async def readline(self) -> bytes:
         """Return the next line with its ``\\n``; ``b""`` at end of stream.
 
@@ -250,10 +245,13 @@ class AsyncBufferedReader:
         Raises:
           LineTooLong: the line is longer than ``max_line_length``.
         """
-        with self._reading:
+        self._start_reading()
+        try:
             if self.idle_timeout is not None and not self._buffer:
                 return await self._idle_bounded(self._readline, -1)
             return await self._readline(-1)
+        finally:
+            self._reading = False
 
     async def _readline(self, _: int) -> bytes:
         while True:
@@ -274,10 +272,13 @@ class AsyncBufferedReader:
         Reading to the end keeps everything in memory: prefer :meth:`read1`
         or :meth:`readline` for input whose size the peer chooses.
         """
-        with self._reading:
+        self._start_reading()
+        try:
             if self.idle_timeout is not None and not self._buffer:
                 return await self._idle_bounded(self._read, n)
             return await self._read(n)
+        finally:
+            self._reading = False
 
     async def _read(self, n: int) -> bytes:
         if n < 0:
@@ -295,17 +296,24 @@ class AsyncBufferedReader:
         stream delivers; ``b""`` only at end of stream. This is the call for
         relaying bytes as they come, whatever their framing.
         """
-        with self._reading:
+        self._start_reading()
+        try:
             if self._buffer:
                 return self._take(len(self._buffer) if n < 0 else n)
             if self.idle_timeout is not None:
                 return await self._idle_bounded(self._read1, n)
-            return await self._read1(n)
+            # Not through _read1: one coroutine fewer on an idle
+            # connection's stack (see _receive_chunk).
+            return self._up_to(n, await self._receive_chunk())
+        finally:
+            self._reading = False
 
     async def _read1(self, n: int) -> bytes:
+        return self._up_to(n, await self._receive_chunk())
+
+    def _up_to(self, n: int, chunk: bytes | bytearray) -> bytes:
         # Nothing buffered: hand the chunk over as it came, without copying
         # it through the buffer, unless it holds more than was asked for.
-        chunk = await self._receive_chunk()
         if 0 <= n < len(chunk):
             self._buffer += chunk
             return self._take(n)
@@ -348,14 +356,22 @@ class AsyncBufferedWriter:
     ) -> None:
         self._stream = stream
         self._buffer = bytearray()
-        self._writing = _Guard("writing to this file")
+        # Whether a task is writing: see _start_writing.
+        self._writing = False
         self.buffer_size = buffer_size
         self.timeout = timeout
         self._io = SocketIO.of_stream(stream)
 
+    def _start_writing(self) -> None:
+        # As _start_reading, for writes.
+        if self._writing:
+            raise trio.BusyResourceError("another task is already writing to this file")
+        self._writing = True
+
     async def write(self, data: bytes | bytearray | memoryview) -> int:
         """Send ``data`` (or buffer it, see ``buffer_size``); return its length."""
-        with self._writing:
+        self._start_writing()
+        try:
             if self.buffer_size <= 0:
                 await self._send(data)
             else:
@@ -363,11 +379,16 @@ class AsyncBufferedWriter:
                 if len(self._buffer) >= self.buffer_size:
                     await self._send_buffer()
             return _nbytes(data)
+        finally:
+            self._writing = False
 
     async def flush(self) -> None:
         """Send whatever :meth:`write` has buffered."""
-        with self._writing:
+        self._start_writing()
+        try:
             await self._send_buffer()
+        finally:
+            self._writing = False
 
     async def _send_buffer(self) -> None:
         if self._buffer:
