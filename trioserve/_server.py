@@ -498,7 +498,13 @@ class BaseServer:
                 stats.dropped += 1
             else:
                 request, client_address = prepared
-                await self._finish_within_deadline(request, client_address)
+                timeout = self.request_timeout
+                if timeout is None:
+                    # Not through _finish_within_deadline: one coroutine
+                    # fewer on the stack of every idle connection.
+                    await self.finish_request(request, client_address)
+                else:
+                    await self._finish_within_deadline(request, client_address, timeout)
                 stats.completed += 1
         except Exception as exc:
             if _consists_of(exc, TimeoutError):
@@ -529,16 +535,13 @@ class BaseServer:
         """
         return request, client_address
 
-    async def _finish_within_deadline(self, request: Any, client_address: Any) -> None:
-        if self.request_timeout is None:
-            await self.finish_request(request, client_address)
-            return
-        with trio.move_on_after(self.request_timeout) as deadline:
+    async def _finish_within_deadline(
+        self, request: Any, client_address: Any, timeout: float
+    ) -> None:
+        with trio.move_on_after(timeout) as deadline:
             await self.finish_request(request, client_address)
         if deadline.cancelled_caught:
-            raise TimeoutError(
-                f"request not done within request_timeout ({self.request_timeout} s)"
-            )
+            raise TimeoutError(f"request not done within request_timeout ({timeout} s)")
 
     async def _close_request(self, request: Any) -> None:
         await await_shielded(
