@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from trio.testing import wait_all_tasks_blocked
 
-from trioserve._shielding import await_shielded, opens_no_cancel_scope_before_waiting
+import trioserve
+from trioserve._shielding import await_shielded, shieldable_from_first_wait
 
 # Long enough to pass for "never" under the autojump clock.
 FOREVER = 1000.0
+# Seconds a test on real sockets may take before it counts as hung.
+HANG_LIMIT = 10
 
 
 class Cleanup:
@@ -45,8 +52,8 @@ class Cleanup:
 class Deferred(Cleanup):
     """The same cleanups, marked: their shields are deferred."""
 
-    at_once = opens_no_cancel_scope_before_waiting(Cleanup.at_once)
-    until_released = opens_no_cancel_scope_before_waiting(Cleanup.until_released)
+    at_once = shieldable_from_first_wait(Cleanup.at_once)
+    until_released = shieldable_from_first_wait(Cleanup.until_released)
 
 
 @pytest.fixture(params=["deferred", "from-the-start"])
@@ -147,6 +154,47 @@ async def test_errors_propagate_whether_raised_before_or_after_waiting(
     failures = ((fails_at_once, "before"), (fails_after_waiting, "after"))
     for function, message in failures:
         if deferred:
-            opens_no_cancel_scope_before_waiting(function)
+            shieldable_from_first_wait(function)
         with pytest.raises(ValueError, match=message):
             await await_shielded(function, timeout=1)
+
+
+async def test_a_datagram_reply_that_must_wait_for_room_is_still_sent(
+    tmp_path: Path,
+) -> None:
+    # The real marked finish() on its slow path: the client's queue is full,
+    # so the reply waits for room, in a scope cancelled all along. It must
+    # neither be cancelled nor trip over the cancellation it saw before its
+    # shield went up (as Trio's own sendto would: it checks first).
+    server_sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with server_sock, client:
+        await server_sock.bind(str(tmp_path / "server"))
+        client.bind(str(tmp_path / "client"))
+        client.setblocking(False)
+        # Connected, so that epoll reports room in the client's queue (Linux
+        # tells only a connected sender); the reply names the address anyway.
+        await server_sock.connect(str(tmp_path / "client"))
+        filler = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:  # until the client's receive queue is full
+                server_sock._sock.sendto(b"filler", str(tmp_path / "client"))
+                filler += 1
+        handler = trioserve.DatagramRequestHandler(
+            (b"reply", server_sock), str(tmp_path / "client"), server=None
+        )
+        await handler.setup()
+        await handler.wfile.write(b"reply")
+        async with trio.open_nursery() as nursery:
+
+            async def drain_once_finish_waits() -> None:
+                await wait_all_tasks_blocked()
+                for _ in range(filler):
+                    assert client.recv(100) == b"filler"
+
+            nursery.start_soon(drain_once_finish_waits)
+            with trio.CancelScope() as outer:
+                outer.cancel()
+                # The shield hides fail_after too: the bound is the timeout.
+                assert not await await_shielded(handler.finish, timeout=HANG_LIMIT)
+        assert client.recv(100) == b"reply"

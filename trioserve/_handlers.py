@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._shielding import await_shielded, opens_no_cancel_scope_before_waiting
+from ._shielding import await_shielded, shieldable_from_first_wait
 from ._socketio import send_datagram
 from ._streams import (
     DEFAULT_MAX_LINE_LENGTH,
@@ -61,7 +61,7 @@ class BaseRequestHandler:
     async def handle(self) -> None:
         """Serve the request. Does nothing by default; override this."""
 
-    @opens_no_cancel_scope_before_waiting
+    @shieldable_from_first_wait
     async def finish(self) -> None:
         """Clean up after :meth:`handle`. Does nothing by default."""
 
@@ -191,7 +191,7 @@ class DatagramRequestHandler(BaseRequestHandler):
         )
         self.wfile = AsyncPacketWriter()
 
-    @opens_no_cancel_scope_before_waiting
+    @shieldable_from_first_wait
     async def finish(self) -> None:
         """Send what was written to ``wfile``, if anything, to ``reply_address``.
 

@@ -109,8 +109,10 @@ class _Serving:
 
     def admit_peer(self, client_address: Any, limit: int | None) -> bool:
         """Count the request against its peer; False if the peer is at ``limit``."""
+        if limit is None:
+            return True
         peer = _peer_of(client_address)
-        if limit is None or peer is None:
+        if peer is None:
             return True
         count = self.peers.get(peer, 0)
         if count >= limit:
@@ -126,6 +128,8 @@ class _Serving:
     def release(self, client_address: Any) -> None:
         """Give back what an admitted request held: its slot and its peer count."""
         self.release_slot()
+        if not self.peers:
+            return
         peer = _peer_of(client_address)
         if peer in self.peers:
             count = self.peers.pop(peer) - 1
@@ -442,20 +446,31 @@ class BaseServer:
             except trio.ClosedResourceError:
                 return None
             except OSError as exc:
-                if exc.errno in ACCEPT_CLOSED_ERRNOS:
+                if not await self._get_request_failed(exc):
                     return None
-                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    LOGGER.error(
-                        "accept failed with %s (%s); retrying in %s seconds",
-                        errno.errorcode[exc.errno],
-                        os.strerror(exc.errno),
-                        ACCEPT_RETRY_DELAY,
-                    )
-                    await trio.sleep(ACCEPT_RETRY_DELAY)
-                elif exc.errno in ACCEPT_TRANSIENT_ERRNOS:
-                    LOGGER.debug("accept failed with %r; skipping", exc)
-                else:
-                    raise
+
+    async def _get_request_failed(self, exc: OSError) -> bool:
+        """Deal with ``exc`` from accept or receive: False if the socket is closed.
+
+        True means try again: after a pause if the system is out of
+        something, at once if the error was one pending connection's. Any
+        other error is raised.
+        """
+        if exc.errno in ACCEPT_CLOSED_ERRNOS:
+            return False
+        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+            LOGGER.error(
+                "accept failed with %s (%s); retrying in %s seconds",
+                errno.errorcode[exc.errno],
+                os.strerror(exc.errno),
+                ACCEPT_RETRY_DELAY,
+            )
+            await trio.sleep(ACCEPT_RETRY_DELAY)
+        elif exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+            LOGGER.debug("accept failed with %r; skipping", exc)
+        else:
+            raise exc
+        return True
 
     async def _handle_accepted(
         self, serving: _Serving, request: Any, client_address: Any

@@ -7,15 +7,17 @@ scope. Entering and leaving a Trio cancel scope with a deadline costs about
 waits: a datagram handler's reply goes out at once, and a datagram has no
 connection to close. Cancellation is delivered only where a coroutine
 waits, so until its first wait a coroutine needs no shield. For a coroutine
-known to open no cancel scope of its own before that first wait,
-:func:`await_shielded` runs it up to that wait (which, for most cleanup, is
-its end) and only then, if it waits at all, enters the shielded scope and
-lets it go on in there.
+known to be plain up to that first wait, :func:`await_shielded` runs it up
+to that wait (which, for most cleanup, is its end) and only then, if it
+waits at all, enters the shielded scope and lets it go on in there.
 
-A coroutine that opened a cancel scope and waits inside it cannot be
-treated so: our shield would be nested inside its scope, and its scope
-would close first, which Trio rightly refuses. Hence the explicit list
-(:func:`opens_no_cancel_scope_before_waiting`) instead of a guess.
+Most coroutines are not plain in that sense, so the shield is deferred
+only for functions marked :func:`shieldable_from_first_wait`. One that
+opens a cancel scope and waits inside it (``trio.sleep`` does) would have
+our shield nested inside its scope, and its scope would close first, which
+Trio refuses. One that looks at its cancellation before it waits (Trio's
+socket methods do, through ``checkpoint_if_cancelled``) would see the
+cancellation that the shield, entered a moment later, then hides from it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ _Function = TypeVar("_Function", bound=Callable[..., Coroutine[Any, Any, None]])
 _DEFERRABLE: set[object] = set()
 
 
-def opens_no_cancel_scope_before_waiting(function: _Function) -> _Function:
+def shieldable_from_first_wait(function: _Function) -> _Function:
     """Mark an async function whose shield :func:`await_shielded` may defer.
 
-    Only for a function whose code, up to the first time it waits, enters
-    no cancel scope it has not left again. Overrides are not covered: a
-    subclass's ``finish()`` is shielded from the start unless marked too.
+    Only for a function that, up to and including its first wait, neither
+    enters a cancel scope it has not left again nor looks at cancellation:
+    its first wait must be a plain one, such as
+    :func:`trio.lowlevel.wait_writable` or :meth:`trio.Event.wait`. Overrides
+    are not covered: a subclass's ``finish()`` is shielded from the start
+    unless it is marked too.
     """
     _DEFERRABLE.add(function)
     return function

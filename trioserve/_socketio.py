@@ -37,11 +37,17 @@ class Pacer:
     def __init__(self) -> None:
         self._ready = 0
 
-    async def pace(self) -> None:
+    def due(self) -> bool:
+        """Count one ready operation; True when the caller must checkpoint.
+
+        A plain method rather than a coroutine that checkpoints: it runs on
+        every message, and only one call in many needs to await anything.
+        """
         self._ready += 1
-        if self._ready >= READY_OPERATIONS_PER_CHECKPOINT:
-            self._ready = 0
-            await trio.lowlevel.checkpoint()
+        if self._ready < READY_OPERATIONS_PER_CHECKPOINT:
+            return False
+        self._ready = 0
+        return True
 
 
 class SocketIO(Pacer):
@@ -109,20 +115,29 @@ async def receive_datagram(
         except BlockingIOError:
             await trio.lowlevel.wait_readable(inner)
         else:
-            await pacer.pace()
+            if pacer.due():
+                await trio.lowlevel.checkpoint()
             return data, flags, sender
 
 
 async def send_datagram(
     sock: trio.socket.SocketType, data: bytes, address: Any
 ) -> None:
-    """Send one datagram: at once if the socket takes it, else through Trio."""
+    """Send one datagram: at once if the socket takes it, else once it can.
+
+    Up to its first wait it neither checks for cancellation nor enters a
+    cancel scope, and that wait is a plain ``wait_writable``, so a caller
+    may be marked ``shieldable_from_first_wait``.
+    """
     inner = stdlib_socket_of(sock)
     if inner is not None:
-        try:
-            inner.sendto(data, address)
-        except BlockingIOError:
-            pass
-        else:
-            return
+        while True:
+            try:
+                inner.sendto(data, address)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(inner)
+            else:
+                return
+    # Not Trio's sendto at once: it checks for cancellation before waiting.
+    await trio.lowlevel.wait_writable(sock)
     await sock.sendto(data, address)

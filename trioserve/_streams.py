@@ -155,7 +155,8 @@ class AsyncBufferedReader:
                 finally:
                     signal.close_idle_scope(scope)
         elif (data := io.try_receive(self.receive_size)) is not None:
-            await io.pace()
+            if io.due():
+                await trio.lowlevel.checkpoint()
         elif signal is not None and signal.started:
             data = b""
         else:
@@ -405,7 +406,8 @@ class AsyncBufferedWriter:
             while sent < len(view):
                 await self._wait_writable(io)
                 sent += io.try_send(memoryview(view)[sent:])
-            await io.pace()
+            if io.due():
+                await trio.lowlevel.checkpoint()
             return
         if self.timeout is None:
             await self._stream.send_all(data)
