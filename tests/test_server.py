@@ -772,3 +772,65 @@ async def test_inline_handlers_run_one_at_a_time_in_the_accept_loop() -> None:
             assert await client.recv(100) == b"FIRST"
             assert await client.recv(100) == b"SECOND"
     assert udp.stats.completed == 2
+
+
+async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
+    # Ready datagrams are received without waiting, so without a checkpoint
+    # now and then a flood would hold the scheduler until the socket drained.
+    from trioserve._socketio import READY_OPERATIONS_PER_CHECKPOINT
+
+    ticks = 0
+    ticks_seen: list[int] = []
+
+    class Counting(trioserve.DatagramRequestHandler):
+        inline = True
+
+        async def handle(self) -> None:
+            ticks_seen.append(ticks)
+            await self.wfile.write(self.packet)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    flood = 4 * READY_OPERATIONS_PER_CHECKPOINT
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Counting)
+    async with serving(udp), trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with trio.socket.from_stdlib_socket(sender) as client:
+            # Sent without a checkpoint between: all wait in the server's
+            # socket before it runs again.
+            for n in range(flood):
+                sender.sendto(b"%d" % n, udp.server_address)
+            with trio.fail_after(5):
+                replies = [await client.recv(100) for _ in range(flood)]
+        nursery.cancel_scope.cancel()
+    assert sorted(replies) == sorted(b"%d" % n for n in range(flood))
+    assert len(ticks_seen) == flood
+    # The ticker ran while the flood was served, not only after it.
+    checkpoints = flood // READY_OPERATIONS_PER_CHECKPOINT
+    assert ticks_seen[-1] - ticks_seen[0] >= checkpoints - 1
+
+
+async def test_an_overridden_get_request_still_receives_every_datagram() -> None:
+    # The accept loop receives for itself only with get_request as it is.
+    received: list[bytes] = []
+
+    class Recording(trioserve.UDPServer):
+        async def get_request(
+            self, listener: trio.socket.SocketType | None = None
+        ) -> tuple[object, object]:
+            request, client_address = await super().get_request(listener)
+            received.append(request[0])
+            return request, client_address
+
+    udp = Recording(("127.0.0.1", 0), DatagramUpper)
+    async with serving(udp), udp_client() as client:
+        for word in (b"one\n", b"two\n"):
+            await client.sendto(word, udp.server_address)
+            with trio.fail_after(5):
+                assert await client.recv(100) == word.upper()
+    assert received == [b"one\n", b"two\n"]
