@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -64,7 +65,28 @@ def _line_too_long(max_line_length: int) -> LineTooLong:
     )
 
 
-class AsyncBufferedReader:
+_Lines = TypeVar("_Lines", bound="_LineIterator")
+
+
+class _LineIterator:
+    """``async for line in reader``: each :meth:`readline` until ``b""``."""
+
+    __slots__ = ()
+
+    async def readline(self) -> bytes:
+        raise NotImplementedError
+
+    def __aiter__(self: _Lines) -> _Lines:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class AsyncBufferedReader(_LineIterator):
     """A buffered reader over a :class:`trio.abc.ReceiveStream`: a handler's ``rfile``.
 
     Args:
@@ -320,15 +342,6 @@ class AsyncBufferedReader:
             return self._take(n)
         return chunk if type(chunk) is bytes else bytes(chunk)
 
-    def __aiter__(self) -> AsyncBufferedReader:
-        return self
-
-    async def __anext__(self) -> bytes:
-        line = await self.readline()
-        if not line:
-            raise StopAsyncIteration
-        return line
-
 
 class AsyncBufferedWriter:
     """A writer over a :class:`trio.abc.SendStream`: a stream handler's ``wfile``.
@@ -429,7 +442,7 @@ class AsyncBufferedWriter:
         raise TimeoutError(f"peer took no data for {self.timeout} seconds")
 
 
-class AsyncPacketReader:
+class AsyncPacketReader(_LineIterator):
     """A datagram handler's ``rfile``: reads the bytes of one datagram.
 
     It has the reading interface of :class:`AsyncBufferedReader`
@@ -489,15 +502,6 @@ class AsyncPacketReader:
     async def read1(self, n: int = -1) -> bytes:
         """The same as :meth:`read`: the whole datagram is one receive."""
         return self._take(len(self._data) if n < 0 else self._position + n)
-
-    def __aiter__(self) -> AsyncPacketReader:
-        return self
-
-    async def __anext__(self) -> bytes:
-        line = await self.readline()
-        if not line:
-            raise StopAsyncIteration
-        return line
 
 
 class AsyncPacketWriter:
