@@ -148,13 +148,13 @@ class DatagramRequestHandler(BaseRequestHandler):
     """A handler for datagram servers (UDP, Unix datagram).
 
     ``self.request`` is the pair ``(data, socket)``; :meth:`setup` unpacks
-    it into ``self.packet`` and ``self.socket``, sets
-    :attr:`reply_address`, and makes ``self.rfile`` an
-    :class:`~trioserve.AsyncPacketReader` over the datagram's bytes and
-    ``self.wfile`` an :class:`~trioserve.AsyncPacketWriter`. :meth:`finish`
-    sends whatever was written to :attr:`reply_address` (``client_address``,
-    unless a PROXY protocol proxy relayed the datagram) as one datagram;
-    nothing is sent if nothing was written. ``rfile`` and ``wfile`` have the same async
+    it into ``self.packet`` and ``self.socket``, sets :attr:`reply_address`,
+    and makes ``self.rfile`` an :class:`~trioserve.AsyncPacketReader` over
+    the datagram's bytes and ``self.wfile`` an
+    :class:`~trioserve.AsyncPacketWriter`. :meth:`finish` sends whatever was
+    written to :attr:`reply_address` (``client_address``, unless a PROXY
+    protocol proxy relayed the datagram) as one datagram; nothing is sent if
+    nothing was written. ``rfile`` and ``wfile`` have the same async
     interface as :class:`StreamRequestHandler`'s, so one ``handle()`` body,
     written as a mixin, serves streams and datagrams alike.
     """
