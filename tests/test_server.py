@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -834,3 +835,47 @@ async def test_an_overridden_get_request_still_receives_every_datagram() -> None
             with trio.fail_after(5):
                 assert await client.recv(100) == word.upper()
     assert received == [b"one\n", b"two\n"]
+
+
+async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited() -> None:
+    # The server skips verify_request, shutdown_request and close_request
+    # while they are the defaults that do nothing; an override must still
+    # run, once per datagram, as socketserver's does. Set on the instance
+    # too, after serving has started.
+    calls: list[tuple[str, bytes]] = []
+
+    class Hooked(trioserve.UDPServer):
+        async def close_request(self, request: Any) -> None:
+            calls.append(("close", request[0]))
+
+    udp = Hooked(("127.0.0.1", 0), DatagramUpper)
+    async with serving(udp), udp_client() as client:
+        await client.sendto(b"one\n", udp.server_address)
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"ONE\n"
+
+        async def verify(request: Any, client_address: Any) -> bool:
+            calls.append(("verify", request[0]))
+            return request[0] != b"no\n"
+
+        async def shutdown_request(request: Any) -> None:
+            calls.append(("shutdown", request[0]))
+            await trioserve.UDPServer.shutdown_request(udp, request)
+
+        udp.verify_request = verify  # type: ignore[method-assign]
+        udp.shutdown_request = shutdown_request  # type: ignore[method-assign]
+        for word in (b"no\n", b"two\n"):
+            await client.sendto(word, udp.server_address)
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"TWO\n"
+    assert calls == [
+        ("close", b"one\n"),
+        ("verify", b"no\n"),
+        ("shutdown", b"no\n"),
+        ("close", b"no\n"),
+        ("verify", b"two\n"),
+        ("shutdown", b"two\n"),
+        ("close", b"two\n"),
+    ]
+    assert udp.stats.rejected == 1
+    assert udp.stats.completed == 2

@@ -796,6 +796,22 @@ async def test_packet_writer_gathers_one_reply() -> None:
     assert wfile.getvalue() == b"abcdefgh!"
 
 
+async def test_packet_writer_keeps_bytes_and_copies_what_may_change() -> None:
+    # An echo's reply is the datagram's own bytes object: nothing copied.
+    datagram = b"echo me\n"
+    wfile = AsyncPacketWriter()
+    await wfile.write(datagram)
+    assert wfile.getvalue() is datagram
+    # A buffer changed after it was written does not change the reply.
+    buffer = bytearray(b"abc")
+    wfile = AsyncPacketWriter()
+    await wfile.write(buffer)
+    await wfile.write(memoryview(buffer))
+    buffer[:] = b"xyz"
+    assert wfile.getvalue() == b"abcabc"
+
+
+
 # --- properties -----------------------------------------------------------------------
 
 T = TypeVar("T")

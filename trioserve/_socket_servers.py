@@ -22,8 +22,7 @@ from ._proxy import (
     ProxyProtocolError,
     parse_proxy_header,
 )
-from ._server import DEFAULT, BaseServer, _Default, _Serving
-from ._shielding import shieldable_from_first_wait
+from ._server import DEFAULT, BaseServer, _Default, _Serving, empty_hook
 from ._socketio import Pacer, receive_datagram, stdlib_socket_of
 
 LOGGER = logging.getLogger("trioserve")
@@ -705,10 +704,7 @@ class UDPServer(TCPServer):
         client_address = sender if header.source is None else header.source
         return _RelayedDatagram(payload, sock, sender), client_address
 
-    @shieldable_from_first_wait
-    async def shutdown_request(self, request: Any) -> None:
-        """Nothing to do: a datagram has no connection of its own."""
-
+    @empty_hook
     async def close_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
 

@@ -473,13 +473,12 @@ class AsyncPacketReader(_LineIterator):
         self.max_line_length = max_line_length
 
     def _take(self, end: int) -> bytes:
+        """Read on to ``end``, or to the datagram's end if that comes first."""
+        data = self._data
         start = self._position
-        end = min(end, len(self._data))
-        self._position = end
-        if start == 0 and end == len(self._data):
-            # The whole datagram: the bytes object itself, not a copy.
-            return self._data
-        return self._data[start:end]
+        self._position = end = min(end, len(data))
+        # The whole datagram: the bytes object itself, not a copy.
+        return data if start == 0 and end == len(data) else data[start:end]
 
     async def readline(self) -> bytes:
         """Return the next line with its ``\\n``; ``b""`` at the datagram's end.
@@ -499,9 +498,8 @@ class AsyncPacketReader(_LineIterator):
         """Return ``n`` bytes, fewer only at the datagram's end; ``n < 0``: the rest."""
         return self._take(len(self._data) if n < 0 else self._position + n)
 
-    async def read1(self, n: int = -1) -> bytes:
-        """The same as :meth:`read`: the whole datagram is one receive."""
-        return self._take(len(self._data) if n < 0 else self._position + n)
+    #: The same as :meth:`read`: the whole datagram is one receive.
+    read1 = read
 
 
 class AsyncPacketWriter:
@@ -512,12 +510,19 @@ class AsyncPacketWriter:
     ``finish()`` sends :meth:`getvalue` as one datagram if it is not empty.
     """
 
+    __slots__ = ("_chunks",)
+
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append ``data`` to the reply, without waiting; return its length."""
-        self._buffer += data
+        if type(data) is bytes:
+            # Immutable, so kept as it is: an echo's reply is then the
+            # datagram's own bytes object, never copied.
+            self._chunks.append(data)
+            return len(data)
+        self._chunks.append(bytes(data))
         return _nbytes(data)
 
     async def flush(self) -> None:
@@ -525,4 +530,4 @@ class AsyncPacketWriter:
 
     def getvalue(self) -> bytes:
         """Everything written so far."""
-        return bytes(self._buffer)
+        return b"".join(self._chunks)
