@@ -641,6 +641,24 @@ async def test_buffered_lines_are_still_delivered_after_shutdown() -> None:
             assert await reader.readline() == b""
 
 
+async def test_a_message_in_the_socket_when_shutdown_starts_is_still_read() -> None:
+    # After a receive that emptied the socket, the reader waits without
+    # trying another receive first; at shutdown it must still look.
+    signal = ShutdownSignal()
+    async with socket_stream_pair() as (near, far):
+        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        await far.send_all(b"one\n")
+        with trio.fail_after(HANG_LIMIT):
+            assert await reader.readline() == b"one\n"
+        assert reader._io is not None
+        assert reader._io.drained
+        await far.send_all(b"two\n")
+        signal.start()
+        with trio.fail_after(HANG_LIMIT):
+            assert await reader.readline() == b"two\n"
+            assert await reader.readline() == b""
+
+
 async def test_reads_before_shutdown_leave_no_idle_scopes_behind() -> None:
     signal = ShutdownSignal()
     async with socket_stream_pair() as (near, far):
@@ -809,7 +827,6 @@ async def test_packet_writer_keeps_bytes_and_copies_what_may_change() -> None:
     await wfile.write(memoryview(buffer))
     buffer[:] = b"xyz"
     assert wfile.getvalue() == b"abcabc"
-
 
 
 # --- properties -----------------------------------------------------------------------

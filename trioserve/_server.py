@@ -107,6 +107,7 @@ def _is_empty(hook: Callable[..., Any]) -> bool:
     """Whether ``hook``, a server's bound hook, is one marked :func:`empty_hook`."""
     return getattr(hook, "__func__", None) in _EMPTY_HOOKS
 
+
 #: Marks a constructor option that was not given: the class attribute applies.
 DEFAULT: Final = _Default.TOKEN
 

@@ -58,12 +58,15 @@ class SocketIO(Pacer):
     :exc:`trio.ClosedResourceError` for a closed socket.
     """
 
-    __slots__ = ("sock",)
+    __slots__ = ("drained", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         #: The stdlib socket, for ``trio.lowlevel.wait_readable`` and kin.
         self.sock = sock
+        #: Whether the last receive took all the socket had: it returned
+        #: fewer bytes than asked for.
+        self.drained = False
 
     @classmethod
     def of_stream(cls, stream: object) -> SocketIO | None:
@@ -76,11 +79,13 @@ class SocketIO(Pacer):
     def try_receive(self, size: int) -> bytes | None:
         """Up to ``size`` bytes (``b""`` at end of stream); None if none are ready."""
         try:
-            return self.sock.recv(size)
+            data = self.sock.recv(size)
         except BlockingIOError:
             return None
         except OSError as exc:
             raise _trio_error(exc) from exc
+        self.drained = len(data) < size
+        return data
 
     def try_send(self, data: bytes | memoryview) -> int:
         """Send what the socket takes now; return how many bytes (maybe 0)."""

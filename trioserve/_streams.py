@@ -176,12 +176,21 @@ class AsyncBufferedReader(_LineIterator):
                         data = await self._receive_some(self._stream)
                 finally:
                     signal.close_idle_scope(scope)
-        elif (data := io.try_receive(self.receive_size)) is not None:
+        # After a receive that took all the socket had, the next message is
+        # most likely not there yet: a receive then only fails with EAGAIN,
+        # a system call and a Python exception, about a microsecond. So the
+        # task waits at once; Trio's readiness is level-triggered, so a
+        # message that did come in meanwhile ends the wait at once.
+        elif not io.drained and (
+            (data := io.try_receive(self.receive_size)) is not None
+        ):
             if io.due():
                 await trio.lowlevel.checkpoint()
         elif signal is not None and signal.started:
-            data = b""
+            # A message already in the socket is still read.
+            data = io.try_receive(self.receive_size) or b""
         else:
+            data = None
             # Waited for here rather than in a helper: every coroutine between
             # the handler and the wait costs on each wake-up, and an idle
             # connection keeps them all in memory for as long as it is idle.
