@@ -434,11 +434,12 @@ class TCPServer(BaseServer):
         connection, client_address = await sock.accept()
         return trio.SocketStream(connection), client_address
 
+    def _prepares_requests(self) -> bool:
+        return self.proxy_protocol != "off" or self.ssl_context is not None
+
     async def _prepare_request(
         self, request: Any, client_address: Any
     ) -> tuple[Any, Any] | None:
-        if self.proxy_protocol == "off" and self.ssl_context is None:
-            return await super()._prepare_request(request, client_address)
         with trio.move_on_after(self.handshake_timeout):
             if not await self._first_byte_before_shutdown(request):
                 LOGGER.debug(
@@ -673,6 +674,9 @@ class UDPServer(TCPServer):
             else:
                 await self._handle_accepted(serving, (data, sock), client_address)
 
+    def _prepares_requests(self) -> bool:
+        return self.proxy_protocol != "off"
+
     async def _prepare_request(
         self, request: Any, client_address: Any
     ) -> tuple[Any, Any] | None:
@@ -681,10 +685,7 @@ class UDPServer(TCPServer):
         # then see the proxy for datagrams as they do for streams, and a bad
         # header is counted as a stream's is, in stats.dropped (get_request's
         # drops are never accepted: stats.malformed). The header is all in
-        # hand, so this is a parse without I/O. With PROXY off, a datagram
-        # pays this one comparison and nothing else.
-        if self.proxy_protocol == "off":
-            return request, client_address
+        # hand, so this is a parse without I/O.
         return self._take_proxy_header(request, client_address)
 
     def _take_proxy_header(

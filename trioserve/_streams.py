@@ -505,7 +505,12 @@ class AsyncPacketReader(_LineIterator):
 
     async def read(self, n: int = -1) -> bytes:
         """Return ``n`` bytes, fewer only at the datagram's end; ``n < 0``: the rest."""
-        return self._take(len(self._data) if n < 0 else self._position + n)
+        # _take inlined: an echo reads twice per datagram, and the two calls
+        # cost it 0.2 µs.
+        data = self._data
+        start = self._position
+        self._position = end = len(data) if n < 0 else min(start + n, len(data))
+        return data if start == 0 and end == len(data) else data[start:end]
 
     #: The same as :meth:`read`: the whole datagram is one receive.
     read1 = read
