@@ -691,18 +691,26 @@ async def test_datagram_handler_attributes() -> None:
     assert seen == [(b"payload", udp.socket)]
 
 
+# With no bound the server's accept loop receives for itself; with one it
+# goes through get_request. Both must draw the line at max_packet_size.
+@pytest.mark.parametrize("max_concurrent_requests", [None, 4])
 async def test_oversized_datagram_is_dropped_and_counted(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, max_concurrent_requests: int | None
 ) -> None:
     class Small(trioserve.UDPServer):
         max_packet_size = 64
 
-    udp = Small(("127.0.0.1", 0), DatagramUpper)
+    udp = Small(
+        ("127.0.0.1", 0),
+        DatagramUpper,
+        max_concurrent_requests=max_concurrent_requests,
+    )
+    fits = b"f" * 63 + b"\n"
     async with serving(udp), udp_client() as client:
         await client.sendto(b"x" * 65, udp.server_address)
-        await client.sendto(b"fits\n", udp.server_address)
+        await client.sendto(fits, udp.server_address)
         with trio.fail_after(5):
-            assert await client.recv(100) == b"FITS\n"
+            assert await client.recv(100) == fits.upper()
     assert (udp.stats.malformed, udp.stats.accepted, udp.stats.completed) == (1, 1, 1)
     assert "max_packet_size" in caplog.text
 
@@ -837,18 +845,26 @@ async def test_an_overridden_get_request_still_receives_every_datagram() -> None
     assert received == [b"one\n", b"two\n"]
 
 
-async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited() -> None:
+@pytest.mark.parametrize("inline", [False, True])
+async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited(
+    inline: bool,
+) -> None:
     # The server skips verify_request, shutdown_request and close_request
-    # while they are the defaults that do nothing; an override must still
-    # run, once per datagram, as socketserver's does. Set on the instance
-    # too, after serving has started.
+    # while they are the defaults that do nothing, and does what
+    # process_request and finish_request would do without awaiting them; an
+    # override must still run, once per datagram, as socketserver's does.
+    # Set on the instance too, after serving has started.
     calls: list[tuple[str, bytes]] = []
 
     class Hooked(trioserve.UDPServer):
         async def close_request(self, request: Any) -> None:
             calls.append(("close", request[0]))
 
-    udp = Hooked(("127.0.0.1", 0), DatagramUpper)
+    class Handler(DatagramUpper):
+        pass
+
+    Handler.inline = inline
+    udp = Hooked(("127.0.0.1", 0), Handler)
     async with serving(udp), udp_client() as client:
         await client.sendto(b"one\n", udp.server_address)
         with trio.fail_after(5):
@@ -868,6 +884,20 @@ async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited() -> None
             await client.sendto(word, udp.server_address)
         with trio.fail_after(5):
             assert await client.recv(100) == b"TWO\n"
+
+        async def process_request(request: Any, client_address: Any) -> None:
+            calls.append(("process", request[0]))
+            await trioserve.UDPServer.process_request(udp, request, client_address)
+
+        async def finish_request(request: Any, client_address: Any) -> None:
+            calls.append(("finish", request[0]))
+            await trioserve.UDPServer.finish_request(udp, request, client_address)
+
+        udp.process_request = process_request  # type: ignore[method-assign]
+        udp.finish_request = finish_request  # type: ignore[method-assign]
+        await client.sendto(b"three\n", udp.server_address)
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"THREE\n"
     assert calls == [
         ("close", b"one\n"),
         ("verify", b"no\n"),
@@ -876,6 +906,11 @@ async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited() -> None
         ("verify", b"two\n"),
         ("shutdown", b"two\n"),
         ("close", b"two\n"),
+        ("verify", b"three\n"),
+        ("process", b"three\n"),
+        ("finish", b"three\n"),
+        ("shutdown", b"three\n"),
+        ("close", b"three\n"),
     ]
     assert udp.stats.rejected == 1
-    assert udp.stats.completed == 2
+    assert udp.stats.completed == 3

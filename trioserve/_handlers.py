@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._shielding import await_shielded, shieldable_from_first_wait
+from ._shielding import shieldable_from_first_wait, start_shielded
 from ._socketio import send_datagram
 from ._streams import (
     DEFAULT_MAX_LINE_LENGTH,
@@ -72,7 +72,8 @@ async def run_handler(handler: BaseRequestHandler) -> None:
     try:
         await handler.handle()
     finally:
-        if await await_shielded(handler.finish, timeout=handler.finish_timeout):
+        rest = start_shielded(handler.finish, timeout=handler.finish_timeout)
+        if rest is not None and await rest:
             LOGGER.warning(
                 "finish() of %s for %r was cut off after finish_timeout (%s s)",
                 type(handler).__name__,

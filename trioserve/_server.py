@@ -108,6 +108,18 @@ def _is_empty(hook: Callable[..., Any]) -> bool:
     return getattr(hook, "__func__", None) in _EMPTY_HOOKS
 
 
+# What _Serving.look_up_hooks looks at.
+_PER_REQUEST_HOOKS: Final = frozenset(
+    {
+        "verify_request",
+        "process_request",
+        "finish_request",
+        "shutdown_request",
+        "close_request",
+        "RequestHandlerClass",
+    }
+)
+
 #: Marks a constructor option that was not given: the class attribute applies.
 DEFAULT: Final = _Default.TOKEN
 
@@ -134,11 +146,39 @@ class _Serving:
     # Requests accepted by listeners that lost a race to another (see
     # _first_request), waiting for their turn.
     pending: list[tuple[Any, Any]] = attrs.Factory(list)
+    # What the hot path does instead of awaiting a hook that, as it stands,
+    # does nothing (skips_*) or does just that (the rest): see look_up_hooks.
+    # False, the safe value, awaits the hook.
+    skips_verify: bool = False
+    skips_close: bool = False
+    # process_request would await _request_task.
+    runs_inline: bool = False
+    # finish_request would await run_handler on a new handler.
+    runs_handler: bool = False
 
-    def admit_peer(self, client_address: Any, limit: int | None) -> bool:
+    def look_up_hooks(self, server: BaseServer) -> None:
+        """Note which of ``server``'s per-request hooks the hot path may skip.
+
+        Looked up as serving starts, and again whenever one is set on the
+        server (see ``BaseServer.__setattr__``). Each coroutine skipped
+        saves a datagram 3 to 4% of its handling.
+        """
+        self.skips_verify = _is_default(
+            server.verify_request, BaseServer.verify_request
+        )
+        self.skips_close = _is_default(
+            server.shutdown_request, BaseServer.shutdown_request
+        ) and _is_empty(server.close_request)
+        self.runs_inline = (
+            _is_default(server.process_request, BaseServer.process_request)
+            and server.RequestHandlerClass.inline
+        )
+        self.runs_handler = _is_default(
+            server.finish_request, BaseServer.finish_request
+        )
+
+    def admit_peer(self, client_address: Any, limit: int) -> bool:
         """Count the request against its peer; False if the peer is at ``limit``."""
-        if limit is None:
-            return True
         peer = _peer_of(client_address)
         if peer is None:
             return True
@@ -155,7 +195,8 @@ class _Serving:
 
     def release(self, client_address: Any) -> None:
         """Give back what an admitted request held: its slot and its peer count."""
-        self.release_slot()
+        if self.slots is not None:
+            self.slots.release()
         if not self.peers:
             return
         peer = _peer_of(client_address)
@@ -273,6 +314,15 @@ class BaseServer:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server_address!r}>"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A hook set on the server while it serves is awaited from the next
+        # request on, as in socketserver, which looks hooks up every time.
+        if name in _PER_REQUEST_HOOKS:
+            serving = getattr(self, "_serving", None)
+            if serving is not None:
+                serving.look_up_hooks(self)
+
     async def __aenter__(self: _ServerT) -> _ServerT:
         await self._ensure_activated()
         return self
@@ -385,6 +435,7 @@ class BaseServer:
                 self._serving = serving = _Serving(
                     nursery, finished, slots, self._prepares_requests()
                 )
+                serving.look_up_hooks(self)
                 try:
                     yield serving
                 finally:
@@ -509,7 +560,7 @@ class BaseServer:
         # request that was not handed to a request task is shut down here.
         self.stats.accepted += 1
         limit = self.max_connections_per_peer
-        if not serving.admit_peer(client_address, limit):
+        if limit is not None and not serving.admit_peer(client_address, limit):
             self.stats.rejected += 1
             LOGGER.debug("refused %r: at max_connections_per_peer", client_address)
             await self._close_request(request)
@@ -517,10 +568,13 @@ class BaseServer:
             return
         handed_off = False
         try:
-            if _is_default(
-                self.verify_request, BaseServer.verify_request
-            ) or await self.verify_request(request, client_address):
-                await self.process_request(request, client_address)
+            if serving.skips_verify or await self.verify_request(
+                request, client_address
+            ):
+                if serving.runs_inline:
+                    await self._request_task(serving, request, client_address)
+                else:
+                    await self.process_request(request, client_address)
                 handed_off = True
             else:
                 self.stats.rejected += 1
@@ -547,9 +601,13 @@ class BaseServer:
                     return
                 request, client_address = prepared
             timeout = self.request_timeout
-            if timeout is None:
-                # Not through _finish_within_deadline: one coroutine fewer on
-                # the stack of every idle connection.
+            if timeout is None and serving.runs_handler:
+                # Neither through _finish_within_deadline nor finish_request:
+                # two coroutines fewer on the stack of every idle connection.
+                await run_handler(
+                    self.RequestHandlerClass(request, client_address, self)
+                )
+            elif timeout is None:
                 await self.finish_request(request, client_address)
             else:
                 await self._finish_within_deadline(request, client_address, timeout)
@@ -567,7 +625,9 @@ class BaseServer:
             raise
         finally:
             stats.active -= 1
-            await self._close_request(request)
+            # Shutting a datagram down, say, would do nothing.
+            if not serving.skips_close:
+                await self._close_request(request)
             serving.release(connected_from)
 
     def _prepares_requests(self) -> bool:
@@ -600,11 +660,6 @@ class BaseServer:
             raise TimeoutError(f"request not done within request_timeout ({timeout} s)")
 
     async def _close_request(self, request: Any) -> None:
-        if _is_default(
-            self.shutdown_request, BaseServer.shutdown_request
-        ) and _is_empty(self.close_request):
-            # Shutting this request down would do nothing: a datagram's, say.
-            return
         await await_shielded(
             self.shutdown_request, request, timeout=REQUEST_CLOSE_TIMEOUT
         )

