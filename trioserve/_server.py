@@ -195,8 +195,7 @@ class _Serving:
 
     def release(self, client_address: Any) -> None:
         """Give back what an admitted request held: its slot and its peer count."""
-        if self.slots is not None:
-            self.slots.release()
+        self.release_slot()
         if not self.peers:
             return
         peer = _peer_of(client_address)
