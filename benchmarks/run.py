@@ -13,7 +13,9 @@ machine spreads over all servers alike; every figure is the median of the
 repeats, with their min and max. Results go to the terminal, to
 ``results/latest.json``, ``results/latest.md`` and, when matplotlib is
 installed, to the chart ``results/latest.png`` of trioserve's ratio to each
-peer. ``benchmarks/README.md`` explains the configurations and the targets.
+peer. For the whole run, idle CPUs are kept polling rather than halted
+(``/dev/cpu_dma_latency`` held at 0; ``--allow-cpu-idle`` turns that off).
+``benchmarks/README.md`` explains the configurations and the targets.
 
 Python servers run under the interpreter running this script
 (``sys.executable``), with the working tree's ``trioserve`` first on
@@ -378,6 +380,33 @@ def enter_private_network() -> bool:
     with contextlib.suppress(OSError):
         Path("/proc/sys/net/ipv4/tcp_max_tw_buckets").write_text("0\n")
     return True
+
+
+def keep_cpus_awake() -> TextIO | None:
+    """Ask the kernel to keep idle CPUs polling rather than halted, for the run.
+
+    Writing 0 to ``/dev/cpu_dma_latency`` is what latency-benchmark setups
+    do (tuned's ``latency-performance`` profile, cyclictest): the request
+    holds while the file stays open. On a virtual machine a halted vCPU
+    takes tens of microseconds to wake, and that is most of a round trip
+    at one connection: with idle CPUs allowed to halt, the C echo server,
+    which does the least work per message, came out the *slowest* server at
+    ``tcp-1`` (see README). Polling idle makes every figure measure the
+    servers rather than the hypervisor's halt and wake-up.
+
+    Returns the open file (close it to end the request), or None where the
+    kernel has no such file or refuses it (it needs root).
+    """
+    try:
+        holder = open("/dev/cpu_dma_latency", "wb", buffering=0)  # noqa: SIM115
+    except OSError:
+        return None
+    try:
+        holder.write(struct.pack("i", 0))
+    except OSError:
+        holder.close()
+        return None
+    return holder
 
 
 # ---- one run at a time -------------------------------------------------------
@@ -1541,6 +1570,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run nothing: print the tables and redraw the chart from a saved "
         "latest.json",
     )
+    parser.add_argument(
+        "--allow-cpu-idle",
+        action="store_true",
+        help="let idle CPUs halt, as the machine does by default, instead of "
+        "holding /dev/cpu_dma_latency at 0 (see README: halted CPUs' wake-up "
+        "then dominates tcp-1)",
+    )
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG")
     parser.add_argument(
         "--no-lock",
@@ -1566,7 +1602,9 @@ def report(
     machine = results["machine"]
     (output / "latest.md").write_text(
         f"Run of {results['date']} on {machine['cpus']} cores "
-        f"({machine['cpu_model']}), Python {machine['python']}, trioserve "
+        f"({machine['cpu_model']}; idle CPUs "
+        f"{machine.get('cpu_idle', 'halting allowed')}), "
+        f"Python {machine['python']}, trioserve "
         f"{results.get('trioserve_version')}"
         f"\n\n{render(results, configs, servers, markdown=True)}\n"
     )
@@ -1627,11 +1665,22 @@ def main(argv: list[str] | None = None) -> int:
             "sharing the machine's loopback; connect-per-request is then limited "
             "by the kernel's search for free ports"
         )
+    awake = None if args.allow_cpu_idle else keep_cpus_awake()
+    if awake is None and not args.allow_cpu_idle:
+        print(
+            "warning: cannot hold /dev/cpu_dma_latency at 0 (needs root): idle "
+            "CPUs may halt, and their wake-up then dominates tcp-1"
+        )
+    cpu_idle = "polling (cpu_dma_latency 0)" if awake else "halting allowed"
+    print(f"idle CPUs: {cpu_idle}")
     build()
     # Each side (server, load generator) holds one descriptor per connection.
     raise_fd_limit(max(settings.idle_conns, settings.idle_held + 100) + 100)
 
-    with contextlib.nullcontext() if args.no_lock else wait_for_our_turn():
+    with (
+        contextlib.nullcontext() if args.no_lock else wait_for_our_turn(),
+        awake or contextlib.nullcontext(),
+    ):
         started = datetime.datetime.now().astimezone()
         trials = run_all(servers, configs, settings)
     summary = summarize(trials, configs)
@@ -1639,7 +1688,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "date": started.isoformat(timespec="seconds"),
         "wall_s": 0.0,
-        "machine": machine_info() | {"private_network": private_network},
+        "machine": machine_info()
+        | {"private_network": private_network, "cpu_idle": cpu_idle},
         "settings": dataclasses.asdict(settings),
         "servers": {s.name: s.description for s in servers},
         "trioserve_version": source_version(REPO_DIR),

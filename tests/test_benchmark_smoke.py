@@ -9,6 +9,7 @@ idle connections held beside it, and writes its report. A few seconds.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,14 @@ def test_quick_run_with_workers_and_idle_connections(tmp_path: Path) -> None:
     for entry in results["idle_load"]["idle-10k+100"].values():
         assert entry["idle_conns"] == entry["idle_open"] == IDLE_HELD
         assert entry["p99_ratio"] > 0
+    # Idle CPUs are kept polling for the run wherever the kernel allows it
+    # (root), and the report says which way it ran.
+    polling = "polling (cpu_dma_latency 0)"
+    if os.access("/dev/cpu_dma_latency", os.W_OK):
+        assert results["machine"]["cpu_idle"] == polling
+        assert f"idle CPUs {polling}" in (tmp_path / "latest.md").read_text()
+    else:
+        assert results["machine"]["cpu_idle"] == "halting allowed"
     assert "NOT a scaling measurement" in done.stdout or (
         len(results["settings"]["cpus"]) >= 3
     )
