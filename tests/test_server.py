@@ -715,6 +715,39 @@ async def test_oversized_datagram_is_dropped_and_counted(
     assert "max_packet_size" in caplog.text
 
 
+async def test_a_flood_of_dropped_datagrams_is_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    class Small(trioserve.UDPServer):
+        max_packet_size = 64
+
+    def drop_warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if "longer than max_packet_size" in r.getMessage()
+        ]
+
+    udp = Small(("127.0.0.1", 0), DatagramUpper)
+    async with serving(udp), udp_client() as client:
+        for _ in range(50):
+            await client.sendto(b"x" * 65, udp.server_address)
+        # Datagrams from one client are handled in order: once this one is
+        # answered, the 50 before it have all been dropped.
+        await client.sendto(b"fits\n", udp.server_address)
+        assert await client.recv(100) == b"FITS\n"
+        assert len(drop_warnings()) == 1
+        mock_clock.jump(10)
+        await client.sendto(b"x" * 65, udp.server_address)
+        await client.sendto(b"fits\n", udp.server_address)
+        assert await client.recv(100) == b"FITS\n"
+    first, second = drop_warnings()
+    assert "more like it" not in first
+    assert second.endswith("(49 more like it in the last 10.0 s were not logged)")
+    assert udp.stats.malformed == 51
+    assert udp.stats.completed == 2
+
+
 async def test_a_peer_that_resets_mid_response_is_logged_at_debug_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

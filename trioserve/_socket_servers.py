@@ -24,6 +24,7 @@ from ._proxy import (
 )
 from ._server import DEFAULT, BaseServer, _Default, _Serving, empty_hook
 from ._socketio import Pacer, receive_datagram, stdlib_socket_of
+from ._warning_limiter import WarningLimiter
 
 LOGGER = logging.getLogger("trioserve")
 
@@ -563,6 +564,10 @@ class _RelayedDatagram(tuple[bytes, trio.socket.SocketType]):
         return datagram
 
 
+#: Seconds between two warnings about dropped datagrams, per server.
+DROP_WARNING_INTERVAL = 10.0
+
+
 class UDPServer(TCPServer):
     """A datagram server: ``socketserver.UDPServer`` on Trio.
 
@@ -586,6 +591,10 @@ class UDPServer(TCPServer):
     or malformed, is dropped unhandled, logged at WARNING and counted in
     ``stats.dropped``, as a stream's would be; the datagrams after it are
     served as usual.
+
+    Dropped datagrams are logged at most once every 10 seconds per server
+    (the next warning says how many were not logged), so a sender of bad
+    datagrams cannot flood the log; ``stats`` counts every one.
     """
 
     socket_type = stdlib_socket.SOCK_DGRAM
@@ -598,6 +607,9 @@ class UDPServer(TCPServer):
         super().__init__(*args, **kwargs)
         # Paces the ready receives of every listener's accept loop.
         self._pacer = Pacer()
+        # Dropped datagrams are logged through this: a sender can send them
+        # faster than the log can take them.
+        self._drop_warnings = WarningLimiter(LOGGER, DROP_WARNING_INTERVAL)
 
     async def server_activate(self) -> None:
         """Nothing to do: datagram sockets do not listen."""
@@ -622,7 +634,7 @@ class UDPServer(TCPServer):
 
     def _drop_oversized(self, client_address: Any) -> None:
         self.stats.malformed += 1
-        LOGGER.warning(
+        self._drop_warnings.warning(
             "dropped a datagram from %r longer than max_packet_size (%d bytes)",
             client_address,
             self.max_packet_size,
@@ -691,14 +703,16 @@ class UDPServer(TCPServer):
     ) -> tuple[_RelayedDatagram, Any] | None:
         """The payload and the client a trusted proxy's header names; None to drop."""
         if not _is_trusted(sender, self._trusted_networks):
-            LOGGER.warning("dropped a datagram from %r: not a trusted proxy", sender)
+            self._drop_warnings.warning(
+                "dropped a datagram from %r: not a trusted proxy", sender
+            )
             return None
         data, sock = request
         try:
             # Version 2 whatever the mode: version 1 has no datagram form.
             header, payload = parse_proxy_header(data, "v2")
         except ProxyProtocolError as exc:
-            LOGGER.warning("dropped a datagram from %r: %s", sender, exc)
+            self._drop_warnings.warning("dropped a datagram from %r: %s", sender, exc)
             return None
         client_address = sender if header.source is None else header.source
         return _RelayedDatagram(payload, sock, sender), client_address
