@@ -46,7 +46,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -382,7 +382,7 @@ def enter_private_network() -> bool:
     return True
 
 
-def keep_cpus_awake() -> TextIO | None:
+def keep_cpus_awake() -> BinaryIO | None:
     """Ask the kernel to keep idle CPUs polling rather than halted, for the run.
 
     Writing 0 to ``/dev/cpu_dma_latency`` is what latency-benchmark setups
