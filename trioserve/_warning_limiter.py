@@ -39,7 +39,7 @@ class WarningLimiter:
             return
         self._next_allowed = now + self.interval
         if self._held_back:
-            message += " (%d more like it in the last %s s were not logged)"
-            args = (*args, self._held_back, self.interval)
+            message += " (%d more like it since the last one were not logged)"
+            args = (*args, self._held_back)
             self._held_back = 0
         self.logger.warning(message, *args)
