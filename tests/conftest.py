@@ -1,7 +1,10 @@
+import collections
 import gc
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import trio
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +14,21 @@ def _collect_garbage() -> Iterator[None]:
     # leaked it (warnings are errors in this suite).
     yield
     gc.collect()
+
+
+@pytest.fixture
+def readable_waits(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[int]:
+    """How many times each file descriptor was waited on to become readable.
+
+    Counts the calls to ``trio.lowlevel.wait_readable``, which still waits:
+    for tests of when a reader waits and when it reads without waiting.
+    """
+    waits: collections.Counter[int] = collections.Counter()
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def counting_wait_readable(sock: Any) -> None:
+        waits[sock if isinstance(sock, int) else sock.fileno()] += 1
+        await wait_readable(sock)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait_readable)
+    return waits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -855,6 +856,74 @@ async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
     # The ticker ran while the flood was served, not only after it.
     checkpoints = flood // READY_OPERATIONS_PER_CHECKPOINT
     assert ticks_seen[-1] - ticks_seen[0] >= checkpoints - 1
+
+
+async def answer_at_once(client: socket.socket, address: Any, rounds: int) -> None:
+    """Send ``rounds`` datagrams, each as soon as the last one's echo is in.
+
+    Without a checkpoint between the echo and the next datagram, like a
+    client in another process.
+    """
+    for n in range(rounds):
+        client.sendto(b"%d" % n, address)
+        await trio.lowlevel.wait_readable(client)
+        assert client.recv(100) == b"%d" % n
+
+
+async def test_an_emptied_datagram_socket_is_looked_at_again_before_a_wait(
+    readable_waits: collections.Counter[int],
+) -> None:
+    # As for streams (see test_streams): a server whose socket ran dry
+    # checkpoints once and receives again before it waits, and a client
+    # that answers at once has sent its next datagram in that scheduler
+    # round about half the time (Trio runs a batch in random order).
+    # Without the look, every datagram after the first would cost a wait.
+    class Echo(trioserve.DatagramRequestHandler):
+        inline = True
+
+        async def handle(self) -> None:
+            await self.wfile.write(self.packet)
+
+    rounds = 200
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Echo)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    with client:
+        async with serving(udp):
+            with trio.fail_after(5):
+                await answer_at_once(client, udp.server_address, rounds)
+            server_fd = udp.fileno()
+    assert udp.stats.completed == rounds
+    # About half (100 of 200); without the look, 200.
+    assert 0 < readable_waits[server_fd] <= rounds * 3 // 4
+
+
+async def test_receive_datagram_looks_again_before_a_wait(
+    readable_waits: collections.Counter[int],
+) -> None:
+    # The receive behind get_request, for servers off the inline loop.
+    from trioserve._socketio import Pacer, receive_datagram, send_datagram
+
+    rounds = 200
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    with client, trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        await server.bind(("127.0.0.1", 0))
+        pacer = Pacer()
+
+        async def echo() -> None:
+            while True:
+                data, sender = await receive_datagram(server, 100, pacer)
+                await send_datagram(server, data, sender)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo)
+                await answer_at_once(client, server.getsockname(), rounds)
+                nursery.cancel_scope.cancel()
+            server_fd = server.fileno()
+    # About half (100 of 200); without the look, 200.
+    assert 0 < readable_waits[server_fd] <= rounds * 3 // 4
 
 
 async def test_an_overridden_get_request_still_receives_every_datagram() -> None:

@@ -14,8 +14,10 @@ was sent has reached the collector.
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import itertools
+import socket as stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -1060,6 +1062,42 @@ async def test_ready_reads_still_checkpoint_so_a_flood_cannot_starve_others() ->
         # once: the bound is loose, the difference is not.)
         assert worst <= 4 * READY_OPERATIONS_PER_CHECKPOINT
         assert ticks >= 1000 // (4 * READY_OPERATIONS_PER_CHECKPOINT)
+
+
+async def test_a_drained_reader_looks_again_after_a_checkpoint_before_it_waits(
+    readable_waits: collections.Counter[int],
+) -> None:
+    # A client that sends its next line as soon as it has the reply: after
+    # the reader empties the socket it checkpoints, and if the client ran in
+    # that scheduler round, the next line is read without a wait. The
+    # client here answers without checkpointing, like a peer in another
+    # process; Trio runs each batch of tasks in random order, so the client
+    # runs first about half the time. Without the look every line after
+    # the first would cost a wait.
+    rounds = 200
+    server_sock, client = stdlib_socket.socketpair()
+    client.setblocking(False)
+    with client:
+        server_side = trio.socket.from_stdlib_socket(server_sock)
+        async with trio.SocketStream(server_side) as near:
+            reader = AsyncBufferedReader(near)
+            writer = AsyncBufferedWriter(near)
+
+            async def echo() -> None:
+                while line := await reader.readline():
+                    await writer.write(line)
+
+            with trio.fail_after(HANG_LIMIT):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(echo)
+                    for n in range(rounds):
+                        client.send(b"%d\n" % n)
+                        await trio.lowlevel.wait_readable(client)
+                        assert client.recv(100) == b"%d\n" % n
+                    client.shutdown(stdlib_socket.SHUT_WR)
+            server_fd = near.socket.fileno()
+    # About half (100 of 200); without the look, 200.
+    assert 0 < readable_waits[server_fd] <= rounds * 3 // 4
 
 
 async def test_idle_reader_on_a_stream_that_is_not_a_socket_leaves_at_shutdown() -> (

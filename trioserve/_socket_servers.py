@@ -664,19 +664,27 @@ class UDPServer(TCPServer):
         # receive_datagram).
         receive_size = size + 1
         pacer = self._pacer
+        looked_again = False
         while True:
             try:
                 data, client_address = inner.recvfrom(receive_size)
             except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(inner)
-                except trio.ClosedResourceError:
-                    return
+                # Found empty: one more look after a checkpoint, then wait, as
+                # receive_datagram does.
+                if looked_again:
+                    try:
+                        await trio.lowlevel.wait_readable(inner)
+                    except trio.ClosedResourceError:
+                        return
+                else:
+                    await trio.lowlevel.checkpoint()
+                looked_again = not looked_again
                 continue
             except OSError as exc:
                 if await self._get_request_failed(exc):
                     continue
                 return
+            looked_again = False
             if pacer.due():
                 await trio.lowlevel.checkpoint()
             if len(data) > size:

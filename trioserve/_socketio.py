@@ -7,6 +7,17 @@ block does the task wait, with ``wait_readable``/``wait_writable``. A task
 that keeps finding its socket ready still checkpoints every
 :data:`READY_OPERATIONS_PER_CHECKPOINT` operations, so a peer that floods us
 cannot starve the other connections, and cancellation is noticed.
+
+A reader that finds its socket empty looks once more before it waits: it
+checkpoints, letting every other runnable task and the I/O poll have their
+turn, and then receives again. A peer that answers at once (a client that
+sends its next request as soon as it has the reply) has usually done so by
+then, and the read succeeds without a wait. A wait costs far more than the
+checkpoint: Trio registers the socket with epoll (a system call per wait),
+and if nothing else is runnable the thread sleeps and must be woken.
+Measured on loopback, that look took one client from 52k to 88-101k round
+trips per second over TCP and from 73k to 88-91k over UDP, and 100 or 1,000
+TCP clients from 97k to 103-109k; see ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -119,11 +130,18 @@ async def receive_datagram(
     inner = stdlib_socket_of(sock)
     if inner is None:
         return await sock.recvfrom(size + 1)
+    looked_again = False
     while True:
         try:
             received = inner.recvfrom(size + 1)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(inner)
+            # Found empty: one more look after a checkpoint, then wait (see
+            # the module's docstring).
+            if looked_again:
+                await trio.lowlevel.wait_readable(inner)
+            else:
+                await trio.lowlevel.checkpoint()
+            looked_again = not looked_again
         else:
             if pacer.due():
                 await trio.lowlevel.checkpoint()

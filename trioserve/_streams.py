@@ -177,10 +177,9 @@ class AsyncBufferedReader(_LineIterator):
                 finally:
                     signal.close_idle_scope(scope)
         # After a receive that took all the socket had, the next message is
-        # most likely not there yet: a receive then only fails with EAGAIN,
-        # a system call and a Python exception, about a microsecond. So the
-        # task waits at once; Trio's readiness is level-triggered, so a
-        # message that did come in meanwhile ends the wait at once.
+        # most likely not there yet: a receive at once would only fail with
+        # EAGAIN, a system call and a Python exception, about a microsecond.
+        # So the task first lets the others run (see below).
         elif not io.drained and (
             (data := io.try_receive(self.receive_size)) is not None
         ):
@@ -197,6 +196,11 @@ class AsyncBufferedReader(_LineIterator):
             if signal is not None:
                 signal.idle_sockets.add(io.sock)
             try:
+                # One more look after a checkpoint, then wait (see _socketio).
+                # A shutdown that starts meanwhile has shut the socket's
+                # receiving side, and the look reads end-of-stream.
+                await trio.lowlevel.checkpoint()
+                data = io.try_receive(self.receive_size)
                 if self.timeout is None:
                     # Not under a null context, whose bound __exit__ the
                     # wait would keep too.
