@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import trio
 
@@ -281,13 +281,26 @@ class AsyncBufferedReader(_LineIterator):
         Raises:
           LineTooLong: the line is longer than ``max_line_length``.
         """
+        return await self._next_line()
+
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:
+        # Not a coroutine itself but the one that reads: `async for` then
+        # waits with one coroutine fewer on an idle connection's stack.
+        return self._next_line(stop_at_end=True)
+
+    async def _next_line(self, stop_at_end: bool = False) -> bytes:
+        """:meth:`readline`; at end of stream, StopAsyncIteration if asked."""
         self._start_reading()
         try:
             if self.idle_timeout is not None and not self._buffer:
-                return await self._idle_bounded(self._readline, -1)
-            return await self._readline(-1)
+                line = await self._idle_bounded(self._readline, -1)
+            else:
+                line = await self._readline(-1)
         finally:
             self._reading = False
+        if stop_at_end and not line:
+            raise StopAsyncIteration
+        return line
 
     async def _readline(self, _: int) -> bytes:
         while True:
@@ -299,8 +312,12 @@ class AsyncBufferedReader(_LineIterator):
             self._scanned = len(self._buffer)
             if self._scanned > self.max_line_length:
                 raise _line_too_long(self.max_line_length)
-            if not await self._receive():
+            # Not through _receive: one coroutine fewer on an idle
+            # connection's stack (see _receive_chunk).
+            data = await self._receive_chunk()
+            if not data:
                 return self._take(len(self._buffer))
+            self._buffer += data
 
     async def read(self, n: int = -1) -> bytes:
         """Return ``n`` bytes, fewer only at end of stream; ``n < 0`` reads to the end.
