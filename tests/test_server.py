@@ -858,44 +858,55 @@ async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
     assert ticks_seen[-1] - ticks_seen[0] >= checkpoints - 1
 
 
-async def answer_at_once(client: socket.socket, address: Any, rounds: int) -> None:
-    """Send ``rounds`` datagrams, each as soon as the last one's echo is in.
+async def answer_at_once(
+    client: socket.socket,
+    address: Any,
+    rounds: int,
+    waits: collections.Counter[int],
+    server_fd: int,
+) -> int:
+    """How often the server waited while a prompt client sent ``rounds``.
 
-    Without a checkpoint between the echo and the next datagram, like a
-    client in another process.
+    The client sends each datagram as soon as the last one's echo is in,
+    without a checkpoint between, like a client in another process. The
+    server is waiting when it starts and when it is done.
     """
+    waited_before = waits[server_fd]
     for n in range(rounds):
         client.sendto(b"%d" % n, address)
         await trio.lowlevel.wait_readable(client)
         assert client.recv(100) == b"%d" % n
+    await trio.testing.wait_all_tasks_blocked()
+    return waits[server_fd] - waited_before
 
 
 async def test_an_emptied_datagram_socket_is_looked_at_again_before_a_wait(
     readable_waits: collections.Counter[int],
 ) -> None:
     # As for streams (see test_streams): a server whose socket ran dry
-    # checkpoints once and receives again before it waits, and a client
-    # that answers at once has sent its next datagram in that scheduler
-    # round about half the time (Trio runs a batch in random order).
-    # Without the look, every datagram after the first would cost a wait.
+    # checkpoints and receives again before it waits, and by the second look
+    # a prompt client has sent its next datagram, whichever order Trio runs
+    # the batch in. The one wait is for the client's silence after the last
+    # datagram; without the looks there would be one per datagram.
     class Echo(trioserve.DatagramRequestHandler):
         inline = True
 
         async def handle(self) -> None:
             await self.wfile.write(self.packet)
 
-    rounds = 200
+    rounds = 100
     udp = trioserve.UDPServer(("127.0.0.1", 0), Echo)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.setblocking(False)
     with client:
         async with serving(udp):
+            await trio.testing.wait_all_tasks_blocked()
             with trio.fail_after(5):
-                await answer_at_once(client, udp.server_address, rounds)
-            server_fd = udp.fileno()
+                waits = await answer_at_once(
+                    client, udp.server_address, rounds, readable_waits, udp.fileno()
+                )
     assert udp.stats.completed == rounds
-    # About half (100 of 200); without the look, 200.
-    assert 0 < readable_waits[server_fd] <= rounds * 3 // 4
+    assert waits == 1
 
 
 async def test_receive_datagram_looks_again_before_a_wait(
@@ -904,7 +915,7 @@ async def test_receive_datagram_looks_again_before_a_wait(
     # The receive behind get_request, for servers off the inline loop.
     from trioserve._socketio import Pacer, receive_datagram, send_datagram
 
-    rounds = 200
+    rounds = 100
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.setblocking(False)
     with client, trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
@@ -919,11 +930,16 @@ async def test_receive_datagram_looks_again_before_a_wait(
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(echo)
-                await answer_at_once(client, server.getsockname(), rounds)
+                await trio.testing.wait_all_tasks_blocked()
+                waits = await answer_at_once(
+                    client,
+                    server.getsockname(),
+                    rounds,
+                    readable_waits,
+                    server.fileno(),
+                )
                 nursery.cancel_scope.cancel()
-            server_fd = server.fileno()
-    # About half (100 of 200); without the look, 200.
-    assert 0 < readable_waits[server_fd] <= rounds * 3 // 4
+    assert waits == 1
 
 
 async def test_an_overridden_get_request_still_receives_every_datagram() -> None:

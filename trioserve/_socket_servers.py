@@ -23,7 +23,12 @@ from ._proxy import (
     parse_proxy_header,
 )
 from ._server import DEFAULT, BaseServer, _Default, _Serving, empty_hook
-from ._socketio import Pacer, receive_datagram, stdlib_socket_of
+from ._socketio import (
+    LOOKS_BEFORE_WAITING,
+    Pacer,
+    receive_datagram,
+    stdlib_socket_of,
+)
 from ._warning_limiter import WarningLimiter
 
 LOGGER = logging.getLogger("trioserve")
@@ -664,27 +669,28 @@ class UDPServer(TCPServer):
         # receive_datagram).
         receive_size = size + 1
         pacer = self._pacer
-        looked_again = False
+        looks = 0
         while True:
             try:
                 data, client_address = inner.recvfrom(receive_size)
             except BlockingIOError:
-                # Found empty: one more look after a checkpoint, then wait, as
+                # Found empty: look again after a checkpoint, or wait, as
                 # receive_datagram does.
-                if looked_again:
+                if looks < LOOKS_BEFORE_WAITING:
+                    looks += 1
+                    await trio.lowlevel.checkpoint()
+                else:
+                    looks = 0
                     try:
                         await trio.lowlevel.wait_readable(inner)
                     except trio.ClosedResourceError:
                         return
-                else:
-                    await trio.lowlevel.checkpoint()
-                looked_again = not looked_again
                 continue
             except OSError as exc:
                 if await self._get_request_failed(exc):
                     continue
                 return
-            looked_again = False
+            looks = 0
             if pacer.due():
                 await trio.lowlevel.checkpoint()
             if len(data) > size:

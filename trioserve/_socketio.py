@@ -8,16 +8,18 @@ that keeps finding its socket ready still checkpoints every
 :data:`READY_OPERATIONS_PER_CHECKPOINT` operations, so a peer that floods us
 cannot starve the other connections, and cancellation is noticed.
 
-A reader that finds its socket empty looks once more before it waits: it
-checkpoints, letting every other runnable task and the I/O poll have their
-turn, and then receives again. A peer that answers at once (a client that
-sends its next request as soon as it has the reply) has usually done so by
-then, and the read succeeds without a wait. A wait costs far more than the
-checkpoint: Trio registers the socket with epoll (a system call per wait),
-and if nothing else is runnable the thread sleeps and must be woken.
-Measured on loopback, that look took one client from 52k to 88-101k round
-trips per second over TCP and from 73k to 88-91k over UDP, and 100 or 1,000
-TCP clients from 97k to 103-109k; see ``benchmarks/README.md``.
+A reader that finds its socket empty looks again before it waits, up to
+:data:`LOOKS_BEFORE_WAITING` times: it checkpoints, letting every other
+runnable task and the I/O poll have their turn, and receives again. A peer
+that answers at once (a client, or a proxy on the same host, that sends the
+next request as soon as it has the reply) has usually done so by then, and
+the read succeeds without a wait. A wait costs far more than a checkpoint:
+Trio registers the socket with epoll (a system call per wait), and if
+nothing else is runnable the thread sleeps and must be woken. On a busy
+server the first look nearly always finds the next message, since the
+other connections' work fills the scheduler round; with one client the
+second look catches a client a little slower than one round. See
+``benchmarks/README.md`` for what each bought.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ import trio
 
 #: Ready operations a task may do in a row before it checkpoints anyway.
 READY_OPERATIONS_PER_CHECKPOINT = 32
+
+#: How many times a reader that finds its socket empty checkpoints and
+#: receives again before it waits for the socket to become readable.
+LOOKS_BEFORE_WAITING = 2
 
 
 def stdlib_socket_of(sock: trio.socket.SocketType) -> socket.socket | None:
@@ -130,18 +136,19 @@ async def receive_datagram(
     inner = stdlib_socket_of(sock)
     if inner is None:
         return await sock.recvfrom(size + 1)
-    looked_again = False
+    looks = 0
     while True:
         try:
             received = inner.recvfrom(size + 1)
         except BlockingIOError:
-            # Found empty: one more look after a checkpoint, then wait (see
-            # the module's docstring).
-            if looked_again:
-                await trio.lowlevel.wait_readable(inner)
-            else:
+            # Found empty: look again after a checkpoint, or wait (see the
+            # module's docstring).
+            if looks < LOOKS_BEFORE_WAITING:
+                looks += 1
                 await trio.lowlevel.checkpoint()
-            looked_again = not looked_again
+            else:
+                looks = 0
+                await trio.lowlevel.wait_readable(inner)
         else:
             if pacer.due():
                 await trio.lowlevel.checkpoint()

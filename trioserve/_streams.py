@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 from ._shutdown import ShutdownSignal
-from ._socketio import SocketIO
+from ._socketio import LOOKS_BEFORE_WAITING, SocketIO
 
 #: How many bytes one receive asks the stream for, unless told otherwise.
 DEFAULT_RECEIVE_SIZE = 65536
@@ -196,11 +196,14 @@ class AsyncBufferedReader(_LineIterator):
             if signal is not None:
                 signal.idle_sockets.add(io.sock)
             try:
-                # One more look after a checkpoint, then wait (see _socketio).
-                # A shutdown that starts meanwhile has shut the socket's
-                # receiving side, and the look reads end-of-stream.
-                await trio.lowlevel.checkpoint()
-                data = io.try_receive(self.receive_size)
+                # Looks again after checkpoints before it waits (see
+                # _socketio). A shutdown that starts meanwhile has shut the
+                # socket's receiving side, and a look reads end-of-stream.
+                for _ in range(LOOKS_BEFORE_WAITING):
+                    await trio.lowlevel.checkpoint()
+                    data = io.try_receive(self.receive_size)
+                    if data is not None:
+                        break
                 if self.timeout is None:
                     # Not under a null context, whose bound __exit__ the
                     # wait would keep too.
