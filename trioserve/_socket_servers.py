@@ -24,8 +24,8 @@ from ._proxy import (
 )
 from ._server import DEFAULT, BaseServer, _Default, _Serving, empty_hook
 from ._socketio import (
-    LOOKS_BEFORE_WAITING,
     Pacer,
+    look_again_or_wait,
     receive_datagram,
     stdlib_socket_of,
 )
@@ -674,17 +674,10 @@ class UDPServer(TCPServer):
             try:
                 data, client_address = inner.recvfrom(receive_size)
             except BlockingIOError:
-                # Found empty: look again after a checkpoint, or wait, as
-                # receive_datagram does.
-                if looks < LOOKS_BEFORE_WAITING:
-                    looks += 1
-                    await trio.lowlevel.checkpoint()
-                else:
-                    looks = 0
-                    try:
-                        await trio.lowlevel.wait_readable(inner)
-                    except trio.ClosedResourceError:
-                        return
+                try:
+                    looks = await look_again_or_wait(inner, looks)
+                except trio.ClosedResourceError:
+                    return
                 continue
             except OSError as exc:
                 if await self._get_request_failed(exc):

@@ -123,6 +123,21 @@ def _trio_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceE
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
+async def look_again_or_wait(sock: socket.socket, looks: int) -> int:
+    """After a receive found ``sock`` empty: checkpoint, or wait until readable.
+
+    ``looks`` is how many checkpoints were taken since the last receive that
+    got something or the last wait: below :data:`LOOKS_BEFORE_WAITING` this
+    checkpoints (the caller then looks again), otherwise it waits. Returns
+    the count to pass next time.
+    """
+    if looks < LOOKS_BEFORE_WAITING:
+        await trio.lowlevel.checkpoint()
+        return looks + 1
+    await trio.lowlevel.wait_readable(sock)
+    return 0
+
+
 async def receive_datagram(
     sock: trio.socket.SocketType, size: int, pacer: Pacer
 ) -> tuple[bytes, Any]:
@@ -141,14 +156,7 @@ async def receive_datagram(
         try:
             received = inner.recvfrom(size + 1)
         except BlockingIOError:
-            # Found empty: look again after a checkpoint, or wait (see the
-            # module's docstring).
-            if looks < LOOKS_BEFORE_WAITING:
-                looks += 1
-                await trio.lowlevel.checkpoint()
-            else:
-                looks = 0
-                await trio.lowlevel.wait_readable(inner)
+            looks = await look_again_or_wait(inner, looks)
         else:
             if pacer.due():
                 await trio.lowlevel.checkpoint()
