@@ -82,7 +82,9 @@ async def test_idle_timeout_cuts_off_a_client_trickling_a_message(
             except trio.BrokenResourceError:
                 pass
         assert await read_to_eof(client) == b""
-        assert trio.current_time() - start == pytest.approx(30, abs=5)
+        # Cut off at 30 s; the client, which only sends, notices at its next
+        # send after the server's lingering close.
+        assert 30 <= trio.current_time() - start <= 40
     assert (server.stats.timed_out, server.stats.completed) == (1, 0)
 
 

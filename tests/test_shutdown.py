@@ -49,6 +49,12 @@ async def read_to_eof(stream: trio.SocketStream) -> bytes:
     return data
 
 
+async def read_then_close(stream: trio.SocketStream, received: list[bytes]) -> None:
+    """What a real client does at the server's end-of-stream: read it, close."""
+    received.append(await read_to_eof(stream))
+    await stream.aclose()
+
+
 async def test_shutdown_when_not_serving_returns_at_once_and_twice_is_harmless(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -83,24 +89,27 @@ async def test_shutdown_stops_accepting_at_once() -> None:
     await server.server_close()
 
 
-async def test_idle_connections_leave_at_once(
+async def test_idle_connections_leave_once_the_drain_window_is_over(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     handler = tracked()
     server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=100)
+    received: list[bytes] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve_forever)
         clients = [await connect(server) for _ in range(3)]
         for client in clients:
             assert await roundtrip(client, b"hello\n") == b"hello\n"
+            nursery.start_soon(read_then_close, client, received)
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
         await server.shutdown()
-        # Only finish()'s own 0.01 s passed, not the 100 s grace period.
-        assert trio.current_time() - start == pytest.approx(0.01)
-        for client in clients:
-            assert await read_to_eof(client) == b""
-            await client.aclose()
+        # The drain window (nothing came) and finish()'s own 0.01 s passed,
+        # not the 100 s grace period.
+        assert trio.current_time() - start == pytest.approx(
+            server.drain_window + 0.01
+        )
+    assert received == [b""] * 3
     await server.server_close()
     assert handler.events == ["finish"] * 3
     assert server.stats.completed == 3
@@ -134,16 +143,18 @@ async def test_request_running_past_the_grace_is_cancelled_and_finish_runs(
 ) -> None:
     handler = tracked()
     server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=7)
+    received: list[bytes] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve_forever)
-        async with await connect(server) as stuck, await connect(server) as idle:
-            await stuck.send_all(b"block\n")
-            await trio.testing.wait_all_tasks_blocked()
-            start = trio.current_time()
-            await server.shutdown()
-            assert trio.current_time() - start == pytest.approx(7, abs=0.1)
-            assert await read_to_eof(stuck) == b""
-            assert await read_to_eof(idle) == b""
+        stuck, idle = await connect(server), await connect(server)
+        await stuck.send_all(b"block\n")
+        for client in (stuck, idle):
+            nursery.start_soon(read_then_close, client, received)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await server.shutdown()
+        assert trio.current_time() - start == pytest.approx(7, abs=0.1)
+    assert received == [b""] * 2
     await server.server_close()
     assert handler.events == ["blocking", "finish", "finish"]
     assert (server.stats.cancelled, server.stats.completed) == (1, 1)
@@ -155,12 +166,36 @@ async def test_shutdown_timeout_argument_overrides_the_attribute(
 ) -> None:
     handler = tracked()
     server = trioserve.TCPServer(("127.0.0.1", 0), handler, shutdown_timeout=50)
-    async with serving(server), await connect(server) as client:
+    async with serving(server), trio.open_nursery() as clients:
+        client = await connect(server)
         await client.send_all(b"block\n")
+        clients.start_soon(read_then_close, client, [])
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
         await server.shutdown(timeout=2)
         assert trio.current_time() - start == pytest.approx(2, abs=0.1)
+
+
+async def test_a_longer_shutdown_timeout_argument_beats_a_short_attribute(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Slow(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            await self.rfile.readline()
+            await trio.sleep(1)
+            await self.wfile.write(b"done\n")
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), Slow, shutdown_timeout=0.05)
+    received: list[bytes] = []
+    async with serving(server), trio.open_nursery() as clients:
+        client = await connect(server)
+        await client.send_all(b"work\n")
+        clients.start_soon(read_then_close, client, received)
+        await trio.testing.wait_all_tasks_blocked()
+        await server.shutdown(timeout=3)
+    # Served within the 3 s the argument gave, not cut off at 0.05 s.
+    assert received == [b"done\n"]
+    assert (server.stats.completed, server.stats.cancelled) == (1, 0)
 
 
 async def test_shutdown_from_inside_a_handler_does_not_deadlock() -> None:

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import socket as stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TypeVar
 
 import hypothesis
@@ -29,6 +29,7 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+import trioserve
 from trioserve import (
     AsyncBufferedReader,
     AsyncBufferedWriter,
@@ -548,8 +549,13 @@ async def test_concurrent_writes_raise_busy_resource_error() -> None:
 # --- shutdown signal -----------------------------------------------------------------
 
 
+def new_signal(drain_window: float = 0.0) -> ShutdownSignal:
+    """A server's shutdown signal, by default with no drain window."""
+    return ShutdownSignal(drain_window, trioserve.ServerStats())
+
+
 async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
-    signal = ShutdownSignal()
+    signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
         reader = AsyncBufferedReader(near, shutdown_signal=signal)
         pending = Pending()
@@ -567,11 +573,10 @@ async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
         with trio.fail_after(HANG_LIMIT):
             assert await reader.readline() == b""
         assert not signal._idle_scopes
-        assert not signal.idle_sockets
 
 
 async def test_idle_async_for_ends_when_shutdown_starts() -> None:
-    signal = ShutdownSignal()
+    signal = new_signal()
     async with socket_stream_pair() as (near, far):
         reader = AsyncBufferedReader(near, shutdown_signal=signal)
         seen = []
@@ -594,7 +599,7 @@ async def test_idle_async_for_ends_when_shutdown_starts() -> None:
 async def test_reader_returns_eof_at_once_if_shutdown_already_started(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    signal = ShutdownSignal()
+    signal = new_signal()
     signal.start()
     async with socket_stream_pair() as (near, _far):
         reader = AsyncBufferedReader(near, shutdown_signal=signal)
@@ -609,7 +614,7 @@ async def test_reader_returns_eof_at_once_if_shutdown_already_started(
 
 
 async def test_reader_holding_half_a_line_keeps_waiting_after_shutdown() -> None:
-    signal = ShutdownSignal()
+    signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
         reader = AsyncBufferedReader(near, shutdown_signal=signal)
         pending = Pending()
@@ -634,7 +639,7 @@ async def test_reader_holding_half_a_line_keeps_waiting_after_shutdown() -> None
 async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -> None:
     # In the socket: the first receive emptied it, so the reader next waits
     # without trying a receive first; at shutdown it must still look.
-    signal = ShutdownSignal()
+    signal = new_signal()
     async with socket_stream_pair() as (near, far):
         reader = AsyncBufferedReader(near, shutdown_signal=signal)
         in_buffer = where == "in the reader's buffer"
@@ -652,7 +657,7 @@ async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -
 
 
 async def test_reads_before_shutdown_leave_no_idle_scopes_behind() -> None:
-    signal = ShutdownSignal()
+    signal = new_signal()
     async with socket_stream_pair() as (near, far):
         reader = AsyncBufferedReader(near, shutdown_signal=signal)
         for i in range(3):
@@ -661,6 +666,74 @@ async def test_reads_before_shutdown_leave_no_idle_scopes_behind() -> None:
                 assert await reader.readline() == b"%d\n" % i
         # Each idle wait handed its scope back, so the set stays bounded.
         assert not signal._idle_scopes
+
+
+@pytest.mark.parametrize("transport", ["socket", "memory"])
+async def test_an_idle_reader_at_shutdown_serves_a_message_within_the_drain_window(
+    autojump_clock: trio.testing.MockClock, transport: str
+) -> None:
+    # A keep-alive client's next request is on its way when shutdown
+    # starts: it arrives within the window and is read, not thrown away.
+    signal = new_signal(drain_window=1.0)
+    async with AsyncExitStack() as stack:
+        if transport == "socket":
+            near, far = await stack.enter_async_context(socket_stream_pair())
+            receive: trio.abc.ReceiveStream = near
+            send: trio.abc.SendStream = far
+        else:
+            send, receive = trio.testing.memory_stream_one_way_pair()
+        reader = AsyncBufferedReader(receive, shutdown_signal=signal)
+        async with trio.open_nursery() as nursery:
+            pending = Pending()
+            nursery.start_soon(pending.run, reader.readline)
+            await wait_all_tasks_blocked()
+            start = trio.current_time()
+            signal.start()
+            await trio.sleep(0.9)
+            assert not pending.done.is_set()
+            await send.send_all(b"next request\n")
+        assert pending.result == b"next request\n"
+        # The next idle read ends with the window, which was not extended.
+        assert await reader.readline() == b""
+        assert trio.current_time() - start == pytest.approx(1.0)
+        assert await reader.readline() == b""
+        assert signal._stats.idle == 0
+
+
+@pytest.mark.parametrize("transport", ["socket", "memory"])
+async def test_an_idle_reader_sees_eof_when_the_drain_window_ends(
+    autojump_clock: trio.testing.MockClock, transport: str
+) -> None:
+    signal = new_signal(drain_window=0.25)
+    async with AsyncExitStack() as stack:
+        if transport == "socket":
+            near, _far = await stack.enter_async_context(socket_stream_pair())
+            receive: trio.abc.ReceiveStream = near
+        else:
+            _send, receive = trio.testing.memory_stream_one_way_pair()
+        reader = AsyncBufferedReader(receive, shutdown_signal=signal, timeout=10)
+        async with trio.open_nursery() as nursery:
+            pending = Pending()
+            nursery.start_soon(pending.run, reader.readline)
+            await wait_all_tasks_blocked()
+            assert signal._stats.idle == 1
+            start = trio.current_time()
+            signal.start()
+        # End-of-stream, not the TimeoutError of the reader's own timeout.
+        assert pending.result == b""
+        assert trio.current_time() - start == pytest.approx(0.25)
+        assert signal._stats.idle == 0
+
+
+async def test_a_reader_timeout_inside_the_drain_window_is_still_a_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    signal = new_signal(drain_window=5.0)
+    async with socket_stream_pair() as (near, _far):
+        reader = AsyncBufferedReader(near, shutdown_signal=signal, timeout=1.0)
+        signal.start()
+        with pytest.raises(TimeoutError):
+            await reader.readline()
 
 
 # --- AsyncBufferedWriter -------------------------------------------------------------
@@ -1104,7 +1177,7 @@ async def test_idle_reader_on_a_stream_that_is_not_a_socket_leaves_at_shutdown()
 ):
     # Streams other than plain sockets (TLS, memory streams) take the other
     # road: a cancel scope that start() cancels.
-    signal = ShutdownSignal()
+    signal = new_signal()
     send, receive = trio.testing.memory_stream_one_way_pair()
     async with trio.open_nursery() as nursery:
         reader = AsyncBufferedReader(receive, shutdown_signal=signal)

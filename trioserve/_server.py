@@ -143,6 +143,8 @@ class _Serving:
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Requests in flight per peer host, kept only under a per-peer limit.
     peers: dict[Any, int] = attrs.Factory(dict)
+    # The client addresses of the requests that a shutdown cancelled.
+    cut_off: list[Any] = attrs.Factory(list)
     # Requests accepted by listeners that lost a race to another (see
     # _first_request), waiting for their turn.
     pending: list[tuple[Any, Any]] = attrs.Factory(list)
@@ -214,6 +216,28 @@ _PEER_ERRORS: Final = (
 )
 
 
+# How many of the requests a shutdown cancelled its warning names.
+CUT_OFF_ADDRESSES_SHOWN: Final = 3
+
+
+def count_of_requests(count: int) -> str:
+    """``"1 request"``, ``"2 requests"``."""
+    return f"{count} request" if count == 1 else f"{count} requests"
+
+
+def _report_cut_off(client_addresses: list[Any]) -> None:
+    """Log the one warning about the requests the shutdown's deadline cancelled."""
+    count = len(client_addresses)
+    named = ", ".join(map(repr, client_addresses[:CUT_OFF_ADDRESSES_SHOWN]))
+    if count > CUT_OFF_ADDRESSES_SHOWN:
+        named += f" and {count - CUT_OFF_ADDRESSES_SHOWN} more"
+    LOGGER.warning(
+        "shutdown cancelled %s still running at its deadline, from %s",
+        count_of_requests(count),
+        named,
+    )
+
+
 def _consists_of(error: BaseException, kind: type[BaseException]) -> bool:
     """Whether ``error`` is a ``kind``, or a group of nothing but ``kind``s.
 
@@ -242,8 +266,8 @@ class BaseServer:
       RequestHandlerClass: A :class:`BaseRequestHandler` subclass; one
         instance serves each request.
       max_concurrent_requests, max_connections_per_peer, request_timeout,
-      idle_timeout, shutdown_timeout: Override the class attributes of those
-        names.
+      idle_timeout, shutdown_timeout, drain_window: Override the class
+        attributes of those names.
     """
 
     #: Seconds :meth:`handle_request` waits for a request before it awaits
@@ -272,6 +296,19 @@ class BaseServer:
     #: raises :exc:`TimeoutError` (a client trickling bytes, as in slowloris).
     #: ``None`` means no limit.
     idle_timeout: float | None = None
+    #: Seconds the server allows for bytes on their way to it, about a
+    #: network round trip and then some. When shutdown starts, a stream
+    #: connection idle between messages (or that becomes idle after) has
+    #: this long for a message already on its way: a keep-alive client
+    #: sends its next request as soon as it has the last reply, so under
+    #: load most "idle" connections have one in flight. A message that
+    #: starts within the window is served, with the grace period; with
+    #: none, the handler's read returns end-of-stream. And a stream server
+    #: closing a connection lingers this long at most for the client's
+    #: end-of-stream (see :meth:`TCPServer.close_request`). Only
+    #: connections idle or closing at that moment wait, so a server without
+    #: them shuts down at once.
+    drain_window: float = 0.25
 
     def __init__(
         self,
@@ -283,6 +320,7 @@ class BaseServer:
         request_timeout: float | _Default | None = DEFAULT,
         idle_timeout: float | _Default | None = DEFAULT,
         shutdown_timeout: float | _Default = DEFAULT,
+        drain_window: float | _Default = DEFAULT,
     ) -> None:
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
@@ -292,6 +330,7 @@ class BaseServer:
             "request_timeout": request_timeout,
             "idle_timeout": idle_timeout,
             "shutdown_timeout": shutdown_timeout,
+            "drain_window": drain_window,
         }
         for name, value in options.items():
             if value is not DEFAULT:
@@ -299,16 +338,21 @@ class BaseServer:
         for name in ("max_concurrent_requests", "max_connections_per_peer"):
             if (limit := getattr(self, name)) is not None and limit < 1:
                 raise ValueError(f"{name} must be at least 1, or None")
-        for name in ("request_timeout", "idle_timeout", "shutdown_timeout"):
+        for name in (
+            "request_timeout",
+            "idle_timeout",
+            "shutdown_timeout",
+            "drain_window",
+        ):
             if (seconds := getattr(self, name)) is not None and seconds < 0:
                 raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
         self._serving: _Serving | None = None
         self._accepting = False
-        # Handlers' readers watch this to leave at once when shutdown starts;
-        # each serve_forever gets a fresh one.
-        self._shutdown_signal = ShutdownSignal()
+        # Handlers' readers watch this to leave promptly when shutdown
+        # starts; each serve_forever gets a fresh one.
+        self._shutdown_signal = ShutdownSignal(self.drain_window, self.stats)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server_address!r}>"
@@ -397,9 +441,11 @@ class BaseServer:
                 self._accepting = True
                 task_status.started(self.server_address)
                 await self._accept_loop(serving, self._request_sources())
-            # Accepting has stopped: by shutdown(), or because the socket was
-            # closed, in which case the shutdown begins here.
-            self._begin_shutdown(serving, self.shutdown_timeout)
+            # Accepting has stopped: by shutdown(), whose timeout stands, or
+            # because the socket was closed, in which case the shutdown
+            # begins here.
+            if not self._shutdown_signal.started:
+                self._begin_shutdown(serving, self.shutdown_timeout)
             service_nursery.cancel_scope.cancel()
 
     async def handle_request(self) -> None:
@@ -428,9 +474,10 @@ class BaseServer:
         slots = None if max_concurrent is None else trio.Semaphore(max_concurrent)
         finished = trio.Event()
         enclosing = _ENCLOSING_SERVERS.set((*_ENCLOSING_SERVERS.get(), self))
+        serving: _Serving | None = None
         try:
             async with trio.open_nursery() as nursery:
-                self._shutdown_signal = ShutdownSignal()
+                self._shutdown_signal = ShutdownSignal(self.drain_window, self.stats)
                 self._serving = serving = _Serving(
                     nursery, finished, slots, self._prepares_requests()
                 )
@@ -454,6 +501,8 @@ class BaseServer:
             self._serving = None
             finished.set()
             _ENCLOSING_SERVERS.reset(enclosing)
+            if serving is not None and serving.cut_off:
+                _report_cut_off(serving.cut_off)
 
     async def _run_service_actions(self, poll_interval: float) -> None:
         while True:
@@ -552,6 +601,19 @@ class BaseServer:
             raise exc
         return True
 
+    def _hand_over(self, request: Any, client_address: Any) -> None:
+        """Handle a request accepted outside the accept loop, in the nursery.
+
+        For connections taken from the backlog as the listener closes: the
+        caller (closing) awaits nothing of the user's, and the request gets
+        the shutdown's grace period like any other.
+        """
+        serving = self._serving
+        assert serving is not None
+        serving.nursery.start_soon(
+            self._handle_accepted, serving, request, client_address
+        )
+
     async def _handle_accepted(
         self, serving: _Serving, request: Any, client_address: Any
     ) -> None:
@@ -621,6 +683,8 @@ class BaseServer:
             await self.handle_error(request, client_address)
         except BaseException:
             stats.cancelled += 1
+            if self._shutdown_signal.started:
+                serving.cut_off.append(client_address)
             raise
         finally:
             stats.active -= 1
@@ -668,10 +732,15 @@ class BaseServer:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop serving gracefully; return once :meth:`serve_forever` has returned.
 
-        Accepting stops at once, and stream connections idle between
-        messages see end-of-stream at once. Requests in flight get
-        ``timeout`` seconds (default: :attr:`shutdown_timeout`) to finish;
-        those still running then are cancelled, and their ``finish()`` runs.
+        Accepting stops at once, and :meth:`is_serving` turns False, so a
+        handler can say goodbye in its protocol. A stream connection idle
+        between messages gets :attr:`drain_window` seconds for a message
+        already on its way, which is served; with none, its handler's read
+        returns end-of-stream. Requests in flight get ``timeout`` seconds
+        (default: :attr:`shutdown_timeout`) to finish; those still running
+        then are cancelled, their ``finish()`` runs, and one warning names
+        them. Every connection is closed without a reset (see
+        :meth:`TCPServer.close_request`).
 
         Returns at once if nothing is serving. Calling it again is harmless;
         a shorter ``timeout`` brings the deadline forward, a longer one does

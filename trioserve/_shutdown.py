@@ -2,57 +2,68 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
+import math
 
 import trio
 
+from ._stats import ServerStats
+
 
 class ShutdownSignal:
-    """Lets readers that wait between messages leave as soon as shutdown starts.
+    """Lets readers that wait between messages leave promptly at shutdown.
 
-    A reader waiting for the first byte of a new message says so, and
-    :meth:`start` makes it see end-of-stream: a reader on a plain socket puts
-    the socket in :attr:`idle_sockets`, and :meth:`start` shuts the socket's
-    receiving side down, which wakes the reader with end-of-stream at the
-    cost of a set insertion per wait; any other reader registers the cancel
-    scope around its receive with :meth:`open_idle_scope`, and :meth:`start`
-    cancels it. A reader in the middle of a message does neither, so it
-    keeps its grace period.
+    A reader waiting for the first byte of a new message waits inside a
+    cancel scope from :meth:`open_idle_scope`. When :meth:`start` begins the
+    shutdown, each of those scopes gets a deadline ``drain_window`` seconds
+    away, and so does every idle wait that begins later: a message already
+    on its way (a keep-alive client sends its next request the moment it has
+    the last reply, so under load almost every connection is "idle" with a
+    request in flight) still arrives and is served, and a connection with
+    nothing on its way sees end-of-stream once the window is over. A reader
+    in the middle of a message opens no idle scope, so it keeps the whole
+    grace period.
     """
 
-    __slots__ = ("_idle_scopes", "idle_sockets", "started")
+    __slots__ = ("_idle_scopes", "_stats", "drain_deadline", "drain_window")
 
-    def __init__(self) -> None:
-        self.started = False
-        #: The sockets whose readers wait between messages right now.
-        self.idle_sockets: set[socket.socket] = set()
+    def __init__(self, drain_window: float, stats: ServerStats) -> None:
+        #: Seconds idle connections get, once shutdown starts, for a message
+        #: already on its way.
+        self.drain_window = drain_window
+        #: When idle waits end: never until :meth:`start`.
+        self.drain_deadline = math.inf
+        self._stats = stats
+        # The idle waits that began before start(), to be given its deadline.
         self._idle_scopes: set[trio.CancelScope] = set()
 
+    @property
+    def started(self) -> bool:
+        """Whether the shutdown has begun."""
+        return self.drain_deadline != math.inf
+
     def start(self) -> None:
-        """Begin the shutdown: end every idle wait, now and from now on."""
-        self.started = True
-        for sock in self.idle_sockets:
-            # The peer may have closed it already; then there is no wait left.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
-        self.idle_sockets.clear()
+        """Begin the shutdown: every idle wait ends within ``drain_window``."""
+        if self.started:
+            return
+        self.drain_deadline = deadline = trio.current_time() + self.drain_window
         for scope in self._idle_scopes:
-            scope.cancel()
+            scope.deadline = min(scope.deadline, deadline)
         self._idle_scopes.clear()
 
     def open_idle_scope(self) -> trio.CancelScope:
-        """Return a cancel scope that :meth:`start` cancels.
+        """A cancel scope for one idle wait, ended ``drain_window`` after start.
 
         The caller must hand it back with :meth:`close_idle_scope` once its
-        wait is over, so that the set of idle waits stays bounded.
+        wait is over, so that the set of idle waits stays bounded. Whether
+        the scope ended the wait is ``scope.cancelled_caught``.
         """
-        scope = trio.CancelScope()
-        if self.started:
-            scope.cancel()
-        else:
+        scope = trio.CancelScope(deadline=self.drain_deadline)
+        if not self.started:
             self._idle_scopes.add(scope)
+        self._stats.idle += 1
         return scope
 
     def close_idle_scope(self, scope: trio.CancelScope) -> None:
+        """Hand back a scope from :meth:`open_idle_scope`: its wait is over."""
         self._idle_scopes.discard(scope)
+        self._stats.idle -= 1

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, cast
 import trio
 
 from ._handlers import BaseRequestHandler
+from ._lingering import close_without_reset
 from ._proxy import (
     ProxyHeaderParser,
     ProxyMode,
@@ -92,7 +93,7 @@ class TCPServer(BaseServer):
       handshake_timeout, proxy_protocol, trusted_proxies: Override the class
         attributes of those names.
       max_concurrent_requests, max_connections_per_peer, request_timeout,
-      idle_timeout, shutdown_timeout: As on :class:`BaseServer`.
+      idle_timeout, shutdown_timeout, drain_window: As on :class:`BaseServer`.
     """
 
     #: The socket family; ``None`` (the default here) picks ``AF_INET6`` for
@@ -149,6 +150,7 @@ class TCPServer(BaseServer):
         request_timeout: float | _Default | None = DEFAULT,
         idle_timeout: float | _Default | None = DEFAULT,
         shutdown_timeout: float | _Default = DEFAULT,
+        drain_window: float | _Default = DEFAULT,
     ) -> None:
         super().__init__(
             server_address,
@@ -158,6 +160,7 @@ class TCPServer(BaseServer):
             request_timeout=request_timeout,
             idle_timeout=idle_timeout,
             shutdown_timeout=shutdown_timeout,
+            drain_window=drain_window,
         )
         if ssl_context is not None and self.socket_type != stdlib_socket.SOCK_STREAM:
             raise ValueError(
@@ -384,11 +387,11 @@ class TCPServer(BaseServer):
                 info = os.stat(path)
                 if (info.st_dev, info.st_ino) == (device, inode):
                     os.unlink(path)
-        serving = self._serving
         for connection, client_address in backlog:
-            assert serving is not None
             request = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
-            await self._handle_accepted(serving, request, client_address)
+            # Handled in the serving nursery, never here: closing awaits no
+            # user code, and these requests get the shutdown's grace period.
+            self._hand_over(request, client_address)
         await trio.lowlevel.checkpoint()
 
     def _take_backlog(
@@ -516,11 +519,22 @@ class TCPServer(BaseServer):
         return peer if header.source is None else header.source
 
     async def close_request(self, request: Any) -> None:
-        """Close the request's stream (under TLS, after sending close_notify)."""
+        """Close the request's stream without resetting the connection.
+
+        Under TLS it sends close_notify first. Then it lingers: it shuts the
+        connection for writing, so the client reads everything written and
+        then a clean end-of-stream, and reads and discards what the client
+        still sends until the client closes too, for at most
+        :attr:`~BaseServer.drain_window` seconds.
+        Closing at once would make the kernel reset a connection whose
+        client is still sending, such as a keep-alive client whose next
+        request is on its way, and a reset can destroy a reply the client
+        has not read yet.
+        """
         # A peer that has already gone cannot take a close_notify; the socket
         # is closed all the same.
         with contextlib.suppress(trio.BrokenResourceError):
-            await request.aclose()
+            await close_without_reset(request, linger=self.drain_window)
 
 
 def _trusted_networks(

@@ -21,6 +21,10 @@ class ServerStats:
     accepted: int = 0
     #: Requests being handled right now.
     active: int = 0
+    #: Of the ``active`` requests, the stream connections idle right now:
+    #: their handler waits in ``rfile`` for the first byte of a new message.
+    #: ``active - idle`` is the requests really in flight.
+    idle: int = 0
     #: Requests whose handler returned normally.
     completed: int = 0
     #: Requests whose handler (or ``verify_request``) raised an exception

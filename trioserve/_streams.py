@@ -166,16 +166,7 @@ class AsyncBufferedReader(_LineIterator):
         io = self._io
         data: bytes | bytearray | None
         if io is None:
-            if signal is None:
-                data = await self._receive_some(self._stream)
-            else:
-                scope = signal.open_idle_scope()
-                data = b""  # What the wait returns if shutdown ends it.
-                try:
-                    with scope:
-                        data = await self._receive_some(self._stream)
-                finally:
-                    signal.close_idle_scope(scope)
+            data = await self._receive_some(signal)
         # After a receive that took all the socket had, the next message is
         # most likely not there yet: a receive at once would only fail with
         # EAGAIN, a system call and a Python exception, about a microsecond.
@@ -185,51 +176,71 @@ class AsyncBufferedReader(_LineIterator):
         ):
             if io.due():
                 await trio.lowlevel.checkpoint()
-        elif signal is not None and signal.started:
-            # A message already in the socket is still read.
-            data = io.try_receive(self.receive_size) or b""
         else:
-            data = None
             # Waited for here rather than in a helper: every coroutine between
             # the handler and the wait costs on each wake-up, and an idle
             # connection keeps them all in memory for as long as it is idle.
-            if signal is not None:
-                signal.idle_sockets.add(io.sock)
-            try:
-                # Looks again after checkpoints before it waits (see
-                # _socketio). A shutdown that starts meanwhile has shut the
-                # socket's receiving side, and a look reads end-of-stream.
-                for _ in range(LOOKS_BEFORE_WAITING):
-                    await trio.lowlevel.checkpoint()
-                    data = io.try_receive(self.receive_size)
-                    if data is not None:
-                        break
-                if self.timeout is None:
-                    # Not under a null context, whose bound __exit__ the
-                    # wait would keep too.
+            # Looks again after checkpoints before it waits (see _socketio).
+            data = None
+            for _ in range(LOOKS_BEFORE_WAITING):
+                await trio.lowlevel.checkpoint()
+                data = io.try_receive(self.receive_size)
+                if data is not None:
+                    break
+            else:
+                scope = self._wait_scope(signal)
+                if scope is None:
+                    # Not under a null context, whose bound __exit__ the wait
+                    # would keep too.
                     while data is None:
                         await trio.lowlevel.wait_readable(io.sock)
                         data = io.try_receive(self.receive_size)
                 else:
-                    with trio.move_on_after(self.timeout):
-                        while data is None:
-                            await trio.lowlevel.wait_readable(io.sock)
-                            data = io.try_receive(self.receive_size)
-            finally:
-                if signal is not None:
-                    signal.idle_sockets.discard(io.sock)
-            if data is None:
-                raise self._timeout_error()
+                    try:
+                        with scope:
+                            while data is None:
+                                await trio.lowlevel.wait_readable(io.sock)
+                                data = io.try_receive(self.receive_size)
+                    finally:
+                        if signal is not None:
+                            signal.close_idle_scope(scope)
+                    if data is None:
+                        data = self._wait_ended(signal)
         self._eof = not data
         self._may_idle = True
         return data
 
-    async def _receive_some(self, stream: trio.abc.ReceiveStream) -> bytes | bytearray:
+    def _wait_scope(self, signal: ShutdownSignal | None) -> trio.CancelScope | None:
+        """The scope a wait for data runs in: None if nothing can end it.
+
+        The shutdown signal's, for a wait between messages; and ``timeout``
+        away at the latest.
+        """
+        scope = None if signal is None else signal.open_idle_scope()
+        if self.timeout is not None:
+            if scope is None:
+                scope = trio.CancelScope()
+            scope.deadline = min(scope.deadline, trio.current_time() + self.timeout)
+        return scope
+
+    def _wait_ended(self, signal: ShutdownSignal | None) -> bytes:
+        """What a wait that its scope ended gives: end-of-stream or a timeout.
+
+        End-of-stream if shutdown's drain window is over (an idle connection
+        with nothing on its way is let go); otherwise ``timeout`` passed.
+        """
+        if signal is not None and trio.current_time() >= signal.drain_deadline:
+            return b""
+        raise self._timeout_error()
+
+    async def _receive_some(
+        self, signal: ShutdownSignal | None
+    ) -> bytes | bytearray:
         """``receive_some`` on a stream other than a plain socket (TLS, say)."""
-        timer = _UNTIMED if self.timeout is None else trio.move_on_after(self.timeout)
+        scope = self._wait_scope(signal)
         try:
-            with timer:
-                return await stream.receive_some(self.receive_size)
+            with scope or _UNTIMED:
+                return await self._stream.receive_some(self.receive_size)
         except trio.BrokenResourceError as exc:
             # Most TLS clients close without sending close_notify. Take that
             # as the end of the stream, as web servers do; a protocol that
@@ -237,7 +248,12 @@ class AsyncBufferedReader(_LineIterator):
             if isinstance(exc.__cause__, ssl.SSLEOFError):
                 return b""
             raise
-        raise self._timeout_error()
+        finally:
+            if signal is not None and scope is not None:
+                signal.close_idle_scope(scope)
+        # A cancelled receive leaves a TLS stream as it was: bytes already
+        # in its buffers are still there for the next receive.
+        return self._wait_ended(signal)
 
     def _timeout_error(self) -> TimeoutError:
         return TimeoutError(f"no data received for {self.timeout} seconds")
