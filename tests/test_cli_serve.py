@@ -196,7 +196,13 @@ def test_max_requests_option_bounds_concurrency() -> None:
 def test_shutdown_timeout_option_bounds_the_grace() -> None:
     with run_echo("--tcp", "127.0.0.1:0", "--shutdown-timeout", "0.3") as cli:
         [(_, host, port)] = cli.listeners(1)
-        with socket.create_connection((host, port), timeout=IO_TIMEOUT) as stuck:
+        with (
+            socket.create_connection((host, port), timeout=IO_TIMEOUT) as idle,
+            socket.create_connection((host, port), timeout=IO_TIMEOUT) as stuck,
+        ):
+            # A keep-alive connection between messages: not a request.
+            idle.sendall(b"hello\n")
+            assert idle.recv(100) == b"hello\n"
             stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             # One round trip first: the server has accepted and is handling.
             stuck.sendall(b"ready\n")
@@ -216,7 +222,8 @@ def test_shutdown_timeout_option_bounds_the_grace() -> None:
             rc, _, stderr = cli.stop(signal.SIGTERM)
             elapsed = time.monotonic() - start
     assert rc == 0, stderr
-    assert "1 requests in flight get up to 0.3 s" in stderr
+    assert "1 request in flight and 1 idle connection, with up to 0.3 s" in stderr
+    assert "shutdown cancelled 1 request still running at its deadline" in stderr
     assert 0.3 <= elapsed < 4, elapsed
 
 

@@ -106,9 +106,7 @@ async def test_idle_connections_leave_once_the_drain_window_is_over(
         await server.shutdown()
         # The drain window (nothing came) and finish()'s own 0.01 s passed,
         # not the 100 s grace period.
-        assert trio.current_time() - start == pytest.approx(
-            server.drain_window + 0.01
-        )
+        assert trio.current_time() - start == pytest.approx(server.drain_window + 0.01)
     assert received == [b""] * 3
     await server.server_close()
     assert handler.events == ["finish"] * 3

@@ -179,6 +179,14 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         f"(default {BaseServer.shutdown_timeout})",
     )
     serving.add_argument(
+        "--drain-window",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="at shutdown, how long a connection idle between messages may "
+        "still deliver one already on its way; also how long a closing "
+        f"connection waits for the client to close (default {BaseServer.drain_window})",
+    )
+    serving.add_argument(
         "--max-requests",
         type=_positive_int,
         metavar="N",
@@ -279,6 +287,7 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     """The server constructor's keyword options that the arguments set."""
     names = {
         "shutdown_timeout": "shutdown_timeout",
+        "drain_window": "drain_window",
         "max_requests": "max_concurrent_requests",
         "max_per_peer": "max_connections_per_peer",
         "request_timeout": "request_timeout",

@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from ._server import BaseServer
+from ._server import BaseServer, count_of_requests
 
 LOGGER = logging.getLogger("trioserve")
 
@@ -32,7 +32,8 @@ async def serve_until_signalled(
     their real addresses. The first SIGINT or SIGTERM starts a graceful
     :meth:`~BaseServer.shutdown` of all of them at once, closes their
     listening sockets at once (so new clients are refused while the requests
-    in flight finish), and logs how many requests are in flight; a second
+    in flight finish), and logs how many requests are in flight (idle
+    keep-alive connections are not requests in flight); a second
     signal cancels the requests still running.
     SIGHUP is logged and otherwise ignored, so closing a terminal does not
     kill the service. Every server is closed before this returns.
@@ -75,10 +76,16 @@ async def serve_until_signalled(
                         nursery.cancel_scope.cancel()
                     else:
                         shutting_down = True
+                        active = sum(server.stats.active for server in servers)
+                        idle = sum(server.stats.idle for server in servers)
                         LOGGER.warning(
-                            "%s: shutting down; %d requests in flight get up to %s s",
+                            "%s: shutting down; %s in flight and %s, with up to "
+                            "%s s to finish",
                             name,
-                            sum(server.stats.active for server in servers),
+                            count_of_requests(active - idle),
+                            "1 idle connection"
+                            if idle == 1
+                            else f"{idle} idle connections",
                             max(server.shutdown_timeout for server in servers),
                         )
                         nursery.start_soon(shut_down_all)

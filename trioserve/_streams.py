@@ -233,9 +233,7 @@ class AsyncBufferedReader(_LineIterator):
             return b""
         raise self._timeout_error()
 
-    async def _receive_some(
-        self, signal: ShutdownSignal | None
-    ) -> bytes | bytearray:
+    async def _receive_some(self, signal: ShutdownSignal | None) -> bytes | bytearray:
         """``receive_some`` on a stream other than a plain socket (TLS, say)."""
         scope = self._wait_scope(signal)
         try:

@@ -1,0 +1,283 @@
+"""The races at a graceful shutdown and at every close, one deterministic test each.
+
+A keep-alive client sends its next request the moment it has the last
+reply, so the server sees a busy connection as idle for a network round
+trip; a shutdown lands in that gap all the time. These tests stage each
+case: a message already in the server's socket when shutdown starts, one
+that arrives within the drain window, one that arrives after it, and a
+reply written just before the close while the client is still sending.
+The client must see its message served, or a clean end-of-stream; never a
+reset, never a reply cut short.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+import trioserve
+
+IO_TIMEOUT = 10
+
+
+class LineEcho(trioserve.StreamRequestHandler):
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line)
+
+
+@pytest.fixture(scope="module")
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
+@contextmanager
+def short_tmp(tmp_path: Path) -> Iterator[str]:
+    # Unix socket paths must be short; pytest's tmp_path may not be.
+    path = f"/tmp/trioserve-close-{id(tmp_path)}.sock"
+    try:
+        yield path
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+@asynccontextmanager
+async def serving(server: trioserve.TCPServer) -> AsyncIterator[trio.Nursery]:
+    async with server, trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        yield nursery
+        await server.shutdown()
+
+
+class Client:
+    """A blocking client socket, speaking TLS through memory BIOs if asked.
+
+    Messages are encrypted before they are sent, so a test can put a whole
+    request into the server's socket with one synchronous ``sendall``,
+    between two of the server's checkpoints.
+    """
+
+    def __init__(
+        self, server: trioserve.TCPServer, client_context: ssl.SSLContext | None
+    ) -> None:
+        address = server.server_address
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.settimeout(IO_TIMEOUT)
+        self.sock.connect(address)
+        self._tls: ssl.SSLObject | None = None
+        if client_context is not None:
+            self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self._tls = client_context.wrap_bio(
+                self._incoming, self._outgoing, server_hostname="127.0.0.1"
+            )
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def handshake(self) -> None:
+        """Blocking: run it in a thread."""
+        while self._tls is not None:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self._outgoing.read())
+                self._incoming.write(self.sock.recv(65536))
+            else:
+                self.sock.sendall(self._outgoing.read())
+                return
+
+    def encode(self, message: bytes) -> bytes:
+        if self._tls is None:
+            return message
+        self._tls.write(message)
+        return self._outgoing.read()
+
+    def send(self, message: bytes) -> None:
+        self.sock.sendall(self.encode(message))
+
+    def receive(self) -> bytes:
+        """Blocking: the next bytes, b"" at a clean end-of-stream.
+
+        A reset raises :exc:`ConnectionResetError`.
+        """
+        while True:
+            if self._tls is None:
+                return self.sock.recv(65536)
+            try:
+                return self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                if not data:
+                    return b""
+                self._incoming.write(data)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    def read_to_eof(self) -> bytes:
+        data = b""
+        while chunk := self.receive():
+            data += chunk
+        return data
+
+    async def roundtrip(self, message: bytes) -> bytes:
+        self.send(message)
+        return await trio.to_thread.run_sync(self.receive)
+
+
+async def connected(
+    server: trioserve.TCPServer, client_context: ssl.SSLContext | None
+) -> Client:
+    client = Client(server, client_context)
+    await trio.to_thread.run_sync(client.handshake)
+    assert await client.roundtrip(b"first\n") == b"first\n"
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.stats.idle == 1
+    return client
+
+
+def make_server(
+    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> tuple[trioserve.TCPServer, ssl.SSLContext | None, Any]:
+    server_context, client_context = tls_contexts
+    if kind == "unix":
+        path_context = short_tmp(tmp_path)
+        path = path_context.__enter__()
+        server: trioserve.TCPServer = trioserve.UnixStreamServer(path, LineEcho)
+        return server, None, path_context
+    if kind == "tls":
+        server = trioserve.TCPServer(
+            ("127.0.0.1", 0), LineEcho, ssl_context=server_context
+        )
+        return server, client_context, None
+    return trioserve.TCPServer(("127.0.0.1", 0), LineEcho), None, None
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix", "tls"])
+async def test_a_message_in_the_socket_when_shutdown_starts_is_served(
+    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    server, client_context, cleanup = make_server(kind, tmp_path, tls_contexts)
+    received = []
+    try:
+        with trio.fail_after(IO_TIMEOUT):
+            async with serving(server):
+                client = await connected(server, client_context)
+                try:
+                    request = client.encode(b"next\n")
+
+                    async def read() -> None:
+                        received.append(
+                            await trio.to_thread.run_sync(client.read_to_eof)
+                        )
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(read)
+                        await trio.testing.wait_all_tasks_blocked()
+                        # No checkpoint between the send and the start of
+                        # the shutdown: the request is in the server's
+                        # socket, unread, when shutdown starts.
+                        client.sock.sendall(request)
+                        await server.shutdown()
+                finally:
+                    client.close()
+    finally:
+        if cleanup is not None:
+            cleanup.__exit__(None, None, None)
+    assert received == [b"next\n"]
+    assert (server.stats.completed, server.stats.cancelled) == (1, 0)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls"])
+async def test_a_message_that_arrives_within_the_drain_window_is_served(
+    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    server, client_context, _ = make_server(kind, tmp_path, tls_contexts)
+    server.drain_window = 2.0
+    with trio.fail_after(IO_TIMEOUT):
+        async with serving(server) as nursery:
+            client = await connected(server, client_context)
+            try:
+                nursery.start_soon(server.shutdown)
+                await trio.sleep(0.2)  # a round trip, well within the window
+                assert not server.is_serving()
+                client.send(b"on its way\n")
+                received = await trio.to_thread.run_sync(client.read_to_eof)
+            finally:
+                client.close()
+    assert received == b"on its way\n"
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls"])
+async def test_a_message_after_the_drain_window_gets_a_clean_end_of_stream(
+    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    server, client_context, _ = make_server(kind, tmp_path, tls_contexts)
+    server.drain_window = 0.5
+    with trio.fail_after(IO_TIMEOUT):
+        async with serving(server) as nursery:
+            client = await connected(server, client_context)
+            try:
+                nursery.start_soon(server.shutdown)
+                # The window passes with nothing on its way: the server ends
+                # the stream, and lingers for the client's end.
+                await trio.sleep(0.6)
+                client.send(b"too late\n")
+                await trio.sleep(0.1)  # time for a reset to come back
+                # recv returns b"", a clean end-of-stream, and again: the
+                # late request was discarded, not answered with a reset.
+                assert await trio.to_thread.run_sync(client.read_to_eof) == b""
+                assert await trio.to_thread.run_sync(client.sock.recv, 100) == b""
+            finally:
+                client.close()
+
+
+class BigReplyThenClose(trioserve.StreamRequestHandler):
+    """Answers the first line with a large reply and returns at once."""
+
+    async def handle(self) -> None:
+        await self.rfile.readline()
+        await self.wfile.write(b"r" * REPLY_SIZE)
+
+
+REPLY_SIZE = 2**20
+
+
+async def test_a_reply_written_before_close_arrives_whole_while_the_client_sends() -> (
+    None
+):
+    server = trioserve.TCPServer(("127.0.0.1", 0), BigReplyThenClose)
+    with trio.fail_after(IO_TIMEOUT):
+        async with serving(server):
+            client = await trio.open_tcp_stream(*server.server_address)
+            async with client:
+
+                async def keep_sending() -> None:
+                    # The client's data is still arriving when the server
+                    # closes: closing at once would reset the connection and
+                    # destroy the part of the reply not read yet.
+                    await client.send_all(b"go\n")
+                    for _ in range(64):
+                        await client.send_all(b"x" * 16384)
+                    await client.send_eof()
+
+                received = bytearray()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(keep_sending)
+                    while chunk := await client.receive_some(65536):
+                        received += chunk
+    assert len(received) == REPLY_SIZE
