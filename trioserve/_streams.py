@@ -205,6 +205,10 @@ class AsyncBufferedReader(_LineIterator):
                         if signal is not None:
                             signal.close_idle_scope(scope)
                     if data is None:
+                        # One last look: bytes that arrived as the wait was
+                        # ended are read, not left behind.
+                        data = io.try_receive(self.receive_size)
+                    if data is None:
                         data = self._wait_ended(signal)
         self._eof = not data
         self._may_idle = True
