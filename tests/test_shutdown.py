@@ -400,3 +400,52 @@ async def replies_or_resets(clients: list[socket.socket]) -> tuple[int, int]:
             assert reply.startswith(b"line")
             served += 1
     return served, reset
+
+
+async def test_close_awaits_no_user_code_and_hands_the_backlog_to_the_nursery() -> None:
+    # A verify_request that waits used to run in server_close() itself: it
+    # held up closing, and once serving ended the backlog clients were reset.
+    class SlowToVerify(trioserve.TCPServer):
+        async def verify_request(self, request: object, client_address: object) -> bool:
+            await trio.sleep(0.2)
+            return True
+
+    server = SlowToVerify(("127.0.0.1", 0), Echo)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        clients = connect_in_backlog(server, 3)
+        nursery.start_soon(server.shutdown)
+        with trio.fail_after(0.1):  # none of verify_request's 0.2 s
+            await server.server_close()
+        assert await replies(clients) == [b"line 0\n", b"line 1\n", b"line 2\n"]
+    assert server.stats.completed == 3
+
+
+class Read1Parser(trioserve.StreamRequestHandler):
+    """A handler that feeds a parser of its own, as one driving h11 would."""
+
+    async def handle(self) -> None:
+        pending = b""
+        while data := await self.rfile.read1():
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                await self.wfile.write(line.upper() + b"\n")
+
+
+async def test_a_handler_reading_with_read1_leaves_within_the_drain_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = trioserve.TCPServer(("127.0.0.1", 0), Read1Parser, shutdown_timeout=60)
+    received: list[bytes] = []
+    async with serving(server), trio.open_nursery() as clients:
+        client = await connect(server)
+        assert await roundtrip(client, b"hello\n") == b"HELLO\n"
+        clients.start_soon(read_then_close, client, received)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await server.shutdown()
+        # Idle in read1, so let go after the drain window, not the 60 s grace.
+        assert trio.current_time() - start == pytest.approx(server.drain_window)
+    assert received == [b""]
+    assert server.stats.completed == 1
