@@ -17,7 +17,7 @@ from typing import Any, Final, TypeVar
 import attrs
 import trio
 
-from ._handlers import BaseRequestHandler, run_handler
+from ._handlers import HANDLER_HOOKS, BaseRequestHandler, check_async_hooks, run_handler
 from ._shielding import await_shielded
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
@@ -118,6 +118,25 @@ _PER_REQUEST_HOOKS: Final = frozenset(
         "close_request",
         "RequestHandlerClass",
     }
+)
+
+# The server's hooks, all awaited: a plain def for any of them is refused.
+SERVER_HOOKS: Final = (
+    "verify_request",
+    "process_request",
+    "finish_request",
+    "shutdown_request",
+    "close_request",
+    "handle_error",
+    "handle_timeout",
+    "service_actions",
+    "server_bind",
+    "server_activate",
+    "server_close",
+    "get_request",
+    "serve_forever",
+    "handle_request",
+    "shutdown",
 )
 
 #: Marks a constructor option that was not given: the class attribute applies.
@@ -235,7 +254,10 @@ class BaseServer:
 
     A server hands each request to ``RequestHandlerClass`` in a task of its
     own. It does no I/O of its own; :class:`TCPServer` and its kin add the
-    socket. Subclasses override the hooks below, all of which are async.
+    socket. Subclasses override the hooks below, all of which are async: a
+    plain ``def`` override, or a handler class with a plain ``def`` ``setup``,
+    ``handle`` or ``finish``, raises :exc:`TypeError` naming the method, when
+    the class is defined or the server constructed.
 
     Args:
       server_address: Where to listen, in the form the socket family takes.
@@ -273,6 +295,11 @@ class BaseServer:
     #: ``None`` means no limit.
     idle_timeout: float | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Refused where it is written, before any request.
+        check_async_hooks(cls, [name for name in SERVER_HOOKS if name in vars(cls)])
+
     def __init__(
         self,
         server_address: Any,
@@ -284,6 +311,9 @@ class BaseServer:
         idle_timeout: float | _Default | None = DEFAULT,
         shutdown_timeout: float | _Default = DEFAULT,
     ) -> None:
+        # A hook made synchronous after its class was defined, too.
+        check_async_hooks(RequestHandlerClass, HANDLER_HOOKS)
+        check_async_hooks(type(self), SERVER_HOOKS)
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         options = {
