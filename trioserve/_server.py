@@ -22,6 +22,7 @@ from ._shielding import await_shielded
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
 from ._streams import LineTooLong
+from ._warning_limiter import WarningLimiter
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -35,8 +36,17 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 
-# How long to pause after one of those errors.
+# How long to pause after one of those errors: this long after the first,
+# twice as long after each one that follows it, up to ACCEPT_RETRY_MAX_DELAY.
+# The pressure may last (a descriptor leak, a flood): backing off spares the
+# CPU, and the cap bounds how long a waiting client still waits once it has
+# lifted. A successful accept starts over from the shortest pause.
 ACCEPT_RETRY_DELAY: Final = 0.1
+ACCEPT_RETRY_MAX_DELAY: Final = 1.0
+
+# Seconds between two log lines about those errors, per server: the first is
+# logged at once, the next one says how many were not.
+ACCEPT_ERROR_LOG_INTERVAL: Final = 10.0
 
 # Errors that concern one pending connection, not the listening socket: the
 # peer went away before we accepted, or (per accept(2) on Linux) a network
@@ -334,6 +344,9 @@ class BaseServer:
                 raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
+        # See ACCEPT_RETRY_DELAY.
+        self._accept_retry_delay = ACCEPT_RETRY_DELAY
+        self._accept_error_log = WarningLimiter(LOGGER, ACCEPT_ERROR_LOG_INTERVAL)
         self._serving: _Serving | None = None
         self._accepting = False
         # Handlers' readers watch this to leave at once when shutdown starts;
@@ -411,8 +424,12 @@ class BaseServer:
         Error handling:
           An exception from a handler goes to :meth:`handle_error` and
           serving goes on. Out-of-resource errors from accept (``EMFILE``,
-          ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) are logged and retried after
-          a short pause; errors that concern one pending connection
+          ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) are retried after a pause
+          that doubles from 0.1 s up to 1 s while they go on, so accepting
+          resumes within a second of the pressure lifting; each is counted
+          in ``stats.accept_errors``, and they are logged at ERROR at most
+          once every 10 seconds (a line says how many were not logged).
+          Errors that concern one pending connection
           (``ECONNABORTED`` and kin) are skipped. Any other error, and any
           :exc:`BaseException` that is not an :exc:`Exception`, ends
           serving and propagates, wrapped in an exception group by the
@@ -552,30 +569,36 @@ class BaseServer:
         """Return the next request from ``source``; None once it is closed."""
         while True:
             try:
-                return await source()
+                accepted = await source()
             except trio.ClosedResourceError:
                 return None
             except OSError as exc:
                 if not await self._get_request_failed(exc):
                     return None
+            else:
+                self._accept_retry_delay = ACCEPT_RETRY_DELAY
+                return accepted
 
     async def _get_request_failed(self, exc: OSError) -> bool:
         """Deal with ``exc`` from accept or receive: False if the socket is closed.
 
         True means try again: after a pause if the system is out of
-        something, at once if the error was one pending connection's. Any
-        other error is raised.
+        something (see ``ACCEPT_RETRY_DELAY``), at once if the error was one
+        pending connection's. Any other error is raised.
         """
         if exc.errno in ACCEPT_CLOSED_ERRNOS:
             return False
         if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-            LOGGER.error(
+            self.stats.accept_errors += 1
+            delay = self._accept_retry_delay
+            self._accept_retry_delay = min(2 * delay, ACCEPT_RETRY_MAX_DELAY)
+            self._accept_error_log.error(
                 "accept failed with %s (%s); retrying in %s seconds",
                 errno.errorcode[exc.errno],
                 os.strerror(exc.errno),
-                ACCEPT_RETRY_DELAY,
+                delay,
             )
-            await trio.sleep(ACCEPT_RETRY_DELAY)
+            await trio.sleep(delay)
         elif exc.errno in ACCEPT_TRANSIENT_ERRNOS:
             LOGGER.debug("accept failed with %r; skipping", exc)
         else:
