@@ -39,6 +39,10 @@ LOGGER = logging.getLogger("trioserve")
 # any real load.
 DEFAULT_REQUEST_QUEUE_SIZE = 65535
 
+#: Seconds between two warnings about dropped requests, per server: datagrams
+#: and connections refused for their PROXY header (or lack of one).
+DROP_WARNING_INTERVAL = 10.0
+
 
 _SocketServerT = TypeVar("_SocketServerT", bound="TCPServer")
 
@@ -115,16 +119,19 @@ class TCPServer(BaseServer):
     #: ``stats.dropped``, not reported to ``handle_error``, since port
     #: scanners and plain-text clients do it all day. (A missing or bad
     #: PROXY header is dropped too, but logged at WARNING: it means a
-    #: misconfigured proxy or a client going around it.)
+    #: misconfigured proxy or a client going around it; at most once every
+    #: 10 seconds per server, the next warning saying how many were not
+    #: logged.)
     handshake_timeout: float = 10.0
     #: Whether each connection starts with a PROXY protocol header (HAProxy's
     #: spec) giving the real client's address: ``"off"``, ``"v1"``, ``"v2"``,
     #: or ``"auto"`` for either. With it on, a connection from a peer not in
     #: :attr:`trusted_proxies`, or whose header is malformed or late, is
-    #: closed, logged at WARNING and counted in ``stats.dropped``; otherwise
-    #: ``client_address`` becomes the address the header gives (a ``LOCAL``
-    #: or ``UNKNOWN`` header, as a proxy's health check sends, leaves the
-    #: real peer's). The header is read in the request's own task, before
+    #: closed, logged at WARNING (at most once every 10 seconds per server,
+    #: so that no peer can flood the log) and counted in ``stats.dropped``;
+    #: otherwise ``client_address`` becomes the address the header gives (a
+    #: ``LOCAL`` or ``UNKNOWN`` header, as a proxy's health check sends,
+    #: leaves the real peer's). The header is read in the request's own task, before
     #: any TLS handshake and after ``verify_request``, which therefore sees
     #: the proxy's address. Datagram servers take version 2 only (``"auto"``
     #: means ``"v2"`` there): see :class:`UDPServer`.
@@ -174,6 +181,9 @@ class TCPServer(BaseServer):
         self._trusted_networks = _trusted_networks(
             self.proxy_protocol, self.trusted_proxies
         )
+        # Requests refused for their PROXY header are logged through this:
+        # an untrusted peer can send them as fast as it can connect.
+        self._drop_warnings = WarningLimiter(LOGGER, DROP_WARNING_INTERVAL)
         if (
             self.proxy_protocol == "v1"
             and self.socket_type != stdlib_socket.SOCK_STREAM
@@ -466,7 +476,9 @@ class TCPServer(BaseServer):
                 return None
             return stream, client_address
         if self.proxy_protocol != "off":
-            LOGGER.warning("closed %r: no PROXY header in time", client_address)
+            self._drop_warnings.warning(
+                "closed %r: no PROXY header in time", client_address
+            )
         else:
             LOGGER.debug("TLS handshake with %r timed out", client_address)
         return None
@@ -501,7 +513,9 @@ class TCPServer(BaseServer):
     async def _read_proxy_header(self, stream: trio.abc.Stream, peer: Any) -> Any:
         """The client address a trusted proxy's header gives; None to drop."""
         if not _is_trusted(peer, self._trusted_networks):
-            LOGGER.warning("closed a connection from %r: not a trusted proxy", peer)
+            self._drop_warnings.warning(
+                "closed a connection from %r: not a trusted proxy", peer
+            )
             return None
         parser = ProxyHeaderParser(cast(ProxyMode, self.proxy_protocol))
         header = None
@@ -511,7 +525,7 @@ class TCPServer(BaseServer):
             while header is None:
                 header = parser.feed(await stream.receive_some(parser.next_needed))
         except (ProxyProtocolError, trio.BrokenResourceError) as exc:
-            LOGGER.warning("closed a connection from %r: %s", peer, exc)
+            self._drop_warnings.warning("closed a connection from %r: %s", peer, exc)
             return None
         return peer if header.source is None else header.source
 
@@ -569,10 +583,6 @@ class _RelayedDatagram(tuple[bytes, trio.socket.SocketType]):
         return datagram
 
 
-#: Seconds between two warnings about dropped datagrams, per server.
-DROP_WARNING_INTERVAL = 10.0
-
-
 class UDPServer(TCPServer):
     """A datagram server: ``socketserver.UDPServer`` on Trio.
 
@@ -612,9 +622,6 @@ class UDPServer(TCPServer):
         super().__init__(*args, **kwargs)
         # Paces the ready receives of every listener's accept loop.
         self._pacer = Pacer()
-        # Dropped datagrams are logged through this: a sender can send them
-        # faster than the log can take them.
-        self._drop_warnings = WarningLimiter(LOGGER, DROP_WARNING_INTERVAL)
 
     async def server_activate(self) -> None:
         """Nothing to do: datagram sockets do not listen."""
