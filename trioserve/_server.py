@@ -166,9 +166,18 @@ class _Serving:
 
     nursery: trio.Nursery
     finished: trio.Event
+    # Taken before each accept, given back when the request is done: the
+    # backpressure bound. Usually max_concurrent_requests; see handler_slots.
     slots: trio.Semaphore | None
     # Whether requests go through _prepare_request: see _prepares_requests.
     prepares: bool
+    # Whether a prepared request trades its slot for one of handler_slots:
+    # see _preparing_limit. Then slots bounds the requests being prepared
+    # (and those waiting for a handler slot), and handler_slots, the
+    # max_concurrent_requests bound, those past it. A client slow to shake
+    # hands then never keeps an established one from its handler.
+    prepares_apart: bool = False
+    handler_slots: trio.Semaphore | None = None
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Requests in flight per peer host, kept only under a per-peer limit.
     peers: dict[Any, int] = attrs.Factory(dict)
@@ -222,9 +231,29 @@ class _Serving:
         if self.slots is not None:
             self.slots.release()
 
-    def release(self, client_address: Any) -> None:
-        """Give back what an admitted request held: its slot and its peer count."""
+    async def trade_slot(self) -> trio.Semaphore | None:
+        """Trade a prepared request's slot for a handler slot; return the new one.
+
+        Waits, still holding the old slot, for a handler slot to be free.
+        """
+        if self.handler_slots is not None:
+            await self.handler_slots.acquire()
         self.release_slot()
+        return self.handler_slots
+
+    def release(
+        self,
+        client_address: Any,
+        slot: trio.Semaphore | _Default | None = DEFAULT,
+    ) -> None:
+        """Give back what an admitted request held: its slot and its peer count.
+
+        ``slot`` is the one it holds, if :meth:`trade_slot` changed it.
+        """
+        if slot is DEFAULT:
+            self.release_slot()
+        elif slot is not None:
+            slot.release()
         if not self.peers:
             return
         peer = _peer_of(client_address)
@@ -286,7 +315,10 @@ class BaseServer:
     shutdown_timeout: float = 5.0
     #: The most requests handled at once; ``None`` means no bound. At the
     #: bound the server stops accepting until a request finishes, so excess
-    #: clients wait in the listen backlog instead of in memory.
+    #: clients wait in the listen backlog instead of in memory. (Under TLS
+    #: or the PROXY protocol, a connection takes its slot once its handshake
+    #: is done; until then it counts against
+    #: :attr:`TCPServer.max_concurrent_handshakes` instead.)
     max_concurrent_requests: int | None = None
     #: The most requests handled at once for one peer host; a connection
     #: beyond it is closed at accept and counted in ``stats.rejected``, so
@@ -436,7 +468,9 @@ class BaseServer:
           nursery it escapes.
         """
         async with (
-            self._serve(self.max_concurrent_requests) as serving,
+            self._serve(
+                self.max_concurrent_requests, self._preparing_limit()
+            ) as serving,
             trio.open_nursery() as service_nursery,
         ):
             service_nursery.start_soon(self._run_service_actions, poll_interval)
@@ -468,18 +502,31 @@ class BaseServer:
                 await self._handle_accepted(serving, *accepted)
 
     @asynccontextmanager
-    async def _serve(self, max_concurrent: int | None) -> AsyncIterator[_Serving]:
+    async def _serve(
+        self,
+        max_concurrent: int | None,
+        max_preparing: int | _Default | None = DEFAULT,
+    ) -> AsyncIterator[_Serving]:
         if self._serving is not None:
             raise RuntimeError(f"{self!r} is already serving")
         await self._ensure_activated()
         slots = None if max_concurrent is None else trio.Semaphore(max_concurrent)
+        handler_slots = None
+        if max_preparing is not DEFAULT:
+            handler_slots = slots
+            slots = None if max_preparing is None else trio.Semaphore(max_preparing)
         finished = trio.Event()
         enclosing = _ENCLOSING_SERVERS.set((*_ENCLOSING_SERVERS.get(), self))
         try:
             async with trio.open_nursery() as nursery:
                 self._shutdown_signal = ShutdownSignal()
                 self._serving = serving = _Serving(
-                    nursery, finished, slots, self._prepares_requests()
+                    nursery,
+                    finished,
+                    slots,
+                    self._prepares_requests(),
+                    prepares_apart=max_preparing is not DEFAULT,
+                    handler_slots=handler_slots,
                 )
                 serving.look_up_hooks(self)
                 try:
@@ -645,6 +692,8 @@ class BaseServer:
         stats.active += 1
         # What the peer limit counted, before a PROXY header may change it.
         connected_from = client_address
+        # The slot this request holds (see _Serving.prepares_apart).
+        slot: trio.Semaphore | _Default | None = DEFAULT
         try:
             if serving.prepares:
                 prepared = await self._prepare_request(request, client_address)
@@ -652,6 +701,8 @@ class BaseServer:
                     stats.dropped += 1
                     return
                 request, client_address = prepared
+                if serving.prepares_apart:
+                    slot = await serving.trade_slot()
             timeout = self.request_timeout
             if timeout is None and serving.runs_handler:
                 # Neither through _finish_within_deadline nor finish_request:
@@ -680,7 +731,7 @@ class BaseServer:
             # Shutting a datagram down, say, would do nothing.
             if not serving.skips_close:
                 await self._close_request(request)
-            serving.release(connected_from)
+            serving.release(connected_from, slot)
 
     def _prepares_requests(self) -> bool:
         """Whether requests need :meth:`_prepare_request`, asked as serving starts.
@@ -689,6 +740,16 @@ class BaseServer:
         nothing to prepare.
         """
         return False
+
+    def _preparing_limit(self) -> int | _Default | None:
+        """The bound on requests being prepared, asked as serving starts.
+
+        DEFAULT, as here, where preparing does not wait: a request holds one
+        ``max_concurrent_requests`` slot from accept on. Otherwise requests
+        being prepared hold a slot of their own, bounded by this (None: no
+        bound), and take a ``max_concurrent_requests`` slot once prepared.
+        """
+        return DEFAULT
 
     async def _prepare_request(
         self, request: Any, client_address: Any

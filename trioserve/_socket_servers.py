@@ -73,6 +73,14 @@ class TCPServer(BaseServer):
     ending the stream, as web servers do: a protocol that must detect
     truncation frames its messages.
 
+    A connection being prepared (its PROXY header read, its TLS handshake
+    done) does not count against ``max_concurrent_requests``: it takes a
+    request slot only once prepared, so clients that connect and say
+    nothing hold up no one but themselves. Connections being prepared, and
+    prepared ones waiting for a request slot, are bounded by
+    :attr:`max_concurrent_handshakes` instead: with that many, the server
+    stops accepting until one of them is done.
+
     Construction does no I/O. With ``bind_and_activate=True`` the socket is
     made, bound and put to listen once, on ``async with server`` or at the
     start of :meth:`serve_forever` or :meth:`handle_request`, whichever comes
@@ -93,8 +101,8 @@ class TCPServer(BaseServer):
         shutdown and one :attr:`~BaseServer.stats`. See
         :attr:`server_addresses`.
       ssl_context: Serve TLS with this server-side context.
-      handshake_timeout, proxy_protocol, trusted_proxies: Override the class
-        attributes of those names.
+      handshake_timeout, max_concurrent_handshakes, proxy_protocol,
+      trusted_proxies: Override the class attributes of those names.
       max_concurrent_requests, max_connections_per_peer, request_timeout,
       idle_timeout, shutdown_timeout: As on :class:`BaseServer`.
     """
@@ -123,6 +131,15 @@ class TCPServer(BaseServer):
     #: 10 seconds per server, the next warning saying how many were not
     #: logged.)
     handshake_timeout: float = 10.0
+    #: The most connections being prepared at once (PROXY header and TLS
+    #: handshake), counting prepared ones that wait for a
+    #: ``max_concurrent_requests`` slot; ``None`` means no bound. Only where
+    #: there is something to prepare (``ssl_context`` or ``proxy_protocol``).
+    #: At the bound the server stops accepting until one is done, so silent
+    #: connections, each let go after :attr:`handshake_timeout`, stop service
+    #: only once there are this many at once: keep it above the handshakes
+    #: a busy moment brings, and below the process's descriptor limit.
+    max_concurrent_handshakes: int | None = 1000
     #: Whether each connection starts with a PROXY protocol header (HAProxy's
     #: spec) giving the real client's address: ``"off"``, ``"v1"``, ``"v2"``,
     #: or ``"auto"`` for either. With it on, a connection from a peer not in
@@ -149,6 +166,7 @@ class TCPServer(BaseServer):
         extra_addresses: Sequence[Any] = (),
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | _Default = DEFAULT,
+        max_concurrent_handshakes: int | _Default | None = DEFAULT,
         proxy_protocol: ProxyProtocolMode | _Default = DEFAULT,
         trusted_proxies: Sequence[str] | _Default = DEFAULT,
         max_concurrent_requests: int | _Default | None = DEFAULT,
@@ -174,6 +192,10 @@ class TCPServer(BaseServer):
         self.ssl_context = ssl_context
         if handshake_timeout is not DEFAULT:
             self.handshake_timeout = handshake_timeout
+        if max_concurrent_handshakes is not DEFAULT:
+            self.max_concurrent_handshakes = max_concurrent_handshakes
+        if (limit := self.max_concurrent_handshakes) is not None and limit < 1:
+            raise ValueError("max_concurrent_handshakes must be at least 1, or None")
         if proxy_protocol is not DEFAULT:
             self.proxy_protocol = proxy_protocol
         if trusted_proxies is not DEFAULT:
@@ -452,6 +474,12 @@ class TCPServer(BaseServer):
 
     def _prepares_requests(self) -> bool:
         return self.proxy_protocol != "off" or self.ssl_context is not None
+
+    def _preparing_limit(self) -> int | _Default | None:
+        # Reading a PROXY header or shaking hands waits for the client.
+        if self.socket_type == stdlib_socket.SOCK_STREAM and self._prepares_requests():
+            return self.max_concurrent_handshakes
+        return DEFAULT
 
     async def _prepare_request(
         self, request: Any, client_address: Any
