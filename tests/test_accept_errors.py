@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 from typing import Any
@@ -40,6 +41,10 @@ class FlakyListener:
         return getattr(self.real, name)
 
 
+def gaps_between(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
 async def serve_with_flaky_accept(
     errors: list[OSError],
 ) -> tuple[trioserve.TCPServer, FlakyListener]:
@@ -68,11 +73,102 @@ async def test_out_of_resources_is_logged_and_retried_after_a_pause(
             await server.shutdown()
     finally:
         await server.server_close()
-    gaps = [b - a for a, b in zip(flaky.failed_at, flaky.failed_at[1:], strict=False)]
-    assert gaps == [pytest.approx(0.1)] * 2
+    # The pause doubles while the errors go on; the log has the first.
+    gaps = gaps_between(flaky.failed_at)
+    assert gaps == [pytest.approx(0.1), pytest.approx(0.2)]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 3
+    assert len(errors) == 1
     assert errno.errorcode[code] in errors[0].getMessage()
+    assert server.stats.accept_errors == 3
+
+
+class ExhaustedListener:
+    """The server's real trio socket, but accept() fails with EMFILE until ``until``.
+
+    As a process out of descriptors sees it: every accept fails, however
+    often it is tried, until some are freed.
+    """
+
+    def __init__(self, real: trio.socket.SocketType, until: float) -> None:
+        self.real = real
+        self.until = until
+        self.failed_at: list[float] = []
+
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
+        await trio.lowlevel.checkpoint()
+        if trio.current_time() < self.until:
+            self.failed_at.append(trio.current_time())
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await self.real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_a_long_descriptor_shortage_neither_floods_the_log_nor_spins(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An hour out of descriptors used to log 36,000 lines, one per 0.1 s.
+    shortage = 600.0
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    async with server:
+        start = trio.current_time()
+        exhausted = ExhaustedListener(server.socket, start + shortage)
+        server._socket = exhausted  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            # A client waits in the backlog all along.
+            async with await connect(server) as client:
+                await client.send_all(b"waited\n")
+                with trio.fail_after(shortage + 10):
+                    assert await client.receive_some() == b"waited\n"
+                served_at = trio.current_time()
+            await server.shutdown()
+    failures = exhausted.failed_at
+    gaps = gaps_between(failures)
+    # The pause doubles from 0.1 s up to 1 s, and stays there.
+    assert gaps[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0])
+    assert gaps[5:] == pytest.approx([1.0] * len(gaps[5:]))
+    assert server.stats.accept_errors == len(failures)
+    assert len(failures) <= shortage + 5  # one try a second, not ten
+    # Served within a second of descriptors being free again.
+    assert start + shortage <= served_at <= start + shortage + 1.0
+    # The first line at once, then one per 10 s saying how many it stands for.
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) <= shortage / 10 + 1
+    assert "EMFILE" in errors[0]
+    assert "more like it" in errors[1]
+    held_back = sum(int(m.split("(")[-1].split()[0]) for m in errors[1:])
+    assert len(errors) + held_back <= len(failures)
+
+
+async def test_accepting_again_starts_the_pause_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    emfile = OSError(errno.EMFILE, "pressure")
+    server, flaky = await serve_with_flaky_accept([emfile] * 4)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_forever)
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"one\n") == b"one\n"
+            # The loop already waits in the real accept: the shortage comes
+            # after the next connection.
+            flaky.errors.extend([emfile] * 2)
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"two\n") == b"two\n"
+            async with await connect(server) as client:
+                assert await roundtrip(client, b"three\n") == b"three\n"
+            await server.shutdown()
+    finally:
+        await server.server_close()
+    times = flaky.failed_at
+    gaps = gaps_between(times)
+    # 0.1, 0.2, 0.4; then the fourth waits 0.8 s, accepting works again,
+    # and the next shortage starts from 0.1 s, not 1 s.
+    assert len(times) == 6
+    assert gaps[:3] == pytest.approx([0.1, 0.2, 0.4])
+    assert gaps[4] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("code", [errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN])

@@ -130,6 +130,42 @@ async def test_untrusted_peer_is_closed_and_counted(
     assert "not a trusted proxy" in caplog.text
 
 
+async def test_refused_connections_cannot_flood_the_log(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An untrusted peer connecting as fast as it can, and a trusted one
+    # sending garbage: each refusal is counted, but the log gets one warning
+    # per 10 seconds per server, which says how many it stands for.
+    untrusted = trioserve.TCPServer(
+        ("127.0.0.1", 0), WhoAmI, proxy_protocol="v1", trusted_proxies=["10.0.0.0/8"]
+    )
+    garbled = proxy_server()
+
+    async def refused(server: trioserve.TCPServer, times: int) -> None:
+        for _ in range(times):
+            async with await trio.open_tcp_stream(*server.server_address) as c:
+                await c.send_all(b"GET / HTTP/1.1\r\n\r\n")
+                with contextlib.suppress(trio.BrokenResourceError):
+                    assert await read_line(c) == b""
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    async with serving(untrusted), serving(garbled):
+        await refused(untrusted, 20)
+        await refused(garbled, 20)
+        # One warning from each server, however many they refused.
+        assert len(warnings()) == 2
+        await trio.sleep(10)
+        await refused(untrusted, 1)
+        await refused(garbled, 1)
+    assert (untrusted.stats.dropped, garbled.stats.dropped) == (21, 21)
+    assert len(warnings()) == 4
+    assert "not a trusted proxy" in warnings()[0]
+    assert "(19 more like it" in warnings()[2]
+    assert "(19 more like it" in warnings()[3]
+
+
 async def test_a_proxy_that_sends_no_header_times_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -19,7 +19,12 @@ import trio
 from . import __version__
 from ._activation import systemd_sockets
 from ._echo import EchoDatagramHandler, EchoStreamHandler
-from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from ._handlers import (
+    BaseRequestHandler,
+    DatagramRequestHandler,
+    StreamRequestHandler,
+    SyncHookError,
+)
 from ._server import BaseServer
 from ._signals import serve_until_signalled
 from ._socket_servers import TCPServer, UDPServer
@@ -273,7 +278,7 @@ def load_handler(spec: str) -> type[BaseRequestHandler]:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, SyncHookError) as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
     handler = getattr(module, class_name, None)
     if handler is None:

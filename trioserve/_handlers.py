@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -24,6 +26,47 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger("trioserve")
 
+#: The handler methods the server awaits.
+HANDLER_HOOKS: Final = ("setup", "handle", "finish")
+
+
+class SyncHookError(TypeError):
+    """A hook that the server awaits is a plain ``def``.
+
+    socketserver's habit: without this check every request would log
+    "coroutine ... was never awaited" and a traceback instead.
+    """
+
+
+def _is_sync(hook: object) -> bool:
+    """Whether ``hook`` is a plain function (or method), not an async one.
+
+    A decorated function counts as async if the function it wraps
+    (``__wrapped__``, as :func:`functools.wraps` sets) is. Other callables
+    (objects, partials, mocks) cannot be told apart cheaply and are trusted.
+    """
+    function = getattr(hook, "__func__", hook)
+    if not inspect.isfunction(function):
+        return False
+    return not (
+        inspect.iscoroutinefunction(function)
+        or inspect.iscoroutinefunction(inspect.unwrap(function))
+    )
+
+
+def check_async_hooks(owner: object, names: Iterable[str]) -> None:
+    """Raise :exc:`SyncHookError` if a hook named in ``names`` is a plain ``def``.
+
+    ``owner`` is the class (or object) to look the hooks up on; names it does
+    not have are skipped.
+    """
+    for name in names:
+        if _is_sync(getattr(owner, name, None)):
+            where = owner if isinstance(owner, type) else type(owner)
+            raise SyncHookError(
+                f"{where.__name__}.{name}() must be async def: trioserve awaits it"
+            )
+
 
 class BaseRequestHandler:
     """The base of every request handler.
@@ -38,6 +81,10 @@ class BaseRequestHandler:
 
     An exception that escapes reaches the server's ``handle_error``; the
     server keeps serving.
+
+    :meth:`setup`, :meth:`handle` and :meth:`finish` must be ``async def``:
+    a plain ``def`` (socketserver's habit) raises :exc:`TypeError`, naming
+    the method, when the class is defined or handed to a server.
     """
 
     #: Seconds :meth:`finish` may run, shielded from cancellation; ``None``
@@ -49,6 +96,11 @@ class BaseRequestHandler:
     #: requests are then handled one at a time, so a handler that waits on
     #: anything else must leave this False.
     inline: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Refused where it is written, before any request.
+        check_async_hooks(cls, [name for name in HANDLER_HOOKS if name in vars(cls)])
 
     def __init__(self, request: Any, client_address: Any, server: BaseServer) -> None:
         self.request = request

@@ -17,11 +17,12 @@ from typing import Any, Final, TypeVar
 import attrs
 import trio
 
-from ._handlers import BaseRequestHandler, run_handler
+from ._handlers import HANDLER_HOOKS, BaseRequestHandler, check_async_hooks, run_handler
 from ._shielding import await_shielded
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
 from ._streams import LineTooLong
+from ._warning_limiter import WarningLimiter
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -35,8 +36,17 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 
-# How long to pause after one of those errors.
+# How long to pause after one of those errors: this long after the first,
+# twice as long after each one that follows it, up to ACCEPT_RETRY_MAX_DELAY.
+# The pressure may last (a descriptor leak, a flood): backing off spares the
+# CPU, and the cap bounds how long a waiting client still waits once it has
+# lifted. A successful accept starts over from the shortest pause.
 ACCEPT_RETRY_DELAY: Final = 0.1
+ACCEPT_RETRY_MAX_DELAY: Final = 1.0
+
+# Seconds between two log lines about those errors, per server: the first is
+# logged at once, the next one says how many were not.
+ACCEPT_ERROR_LOG_INTERVAL: Final = 10.0
 
 # Errors that concern one pending connection, not the listening socket: the
 # peer went away before we accepted, or (per accept(2) on Linux) a network
@@ -120,6 +130,25 @@ _PER_REQUEST_HOOKS: Final = frozenset(
     }
 )
 
+# The server's hooks, all awaited: a plain def for any of them is refused.
+SERVER_HOOKS: Final = (
+    "verify_request",
+    "process_request",
+    "finish_request",
+    "shutdown_request",
+    "close_request",
+    "handle_error",
+    "handle_timeout",
+    "service_actions",
+    "server_bind",
+    "server_activate",
+    "server_close",
+    "get_request",
+    "serve_forever",
+    "handle_request",
+    "shutdown",
+)
+
 #: Marks a constructor option that was not given: the class attribute applies.
 DEFAULT: Final = _Default.TOKEN
 
@@ -137,9 +166,18 @@ class _Serving:
 
     nursery: trio.Nursery
     finished: trio.Event
+    # Taken before each accept, given back when the request is done: the
+    # backpressure bound. Usually max_concurrent_requests; see handler_slots.
     slots: trio.Semaphore | None
     # Whether requests go through _prepare_request: see _prepares_requests.
     prepares: bool
+    # Whether a prepared request trades its slot for one of handler_slots:
+    # see _preparing_limit. Then slots bounds the requests being prepared
+    # (and those waiting for a handler slot), and handler_slots, the
+    # max_concurrent_requests bound, those past it. A client slow to shake
+    # hands then never keeps an established one from its handler.
+    prepares_apart: bool = False
+    handler_slots: trio.Semaphore | None = None
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Requests in flight per peer host, kept only under a per-peer limit.
     peers: dict[Any, int] = attrs.Factory(dict)
@@ -195,9 +233,29 @@ class _Serving:
         if self.slots is not None:
             self.slots.release()
 
-    def release(self, client_address: Any) -> None:
-        """Give back what an admitted request held: its slot and its peer count."""
+    async def trade_slot(self) -> trio.Semaphore | None:
+        """Trade a prepared request's slot for a handler slot; return the new one.
+
+        Waits, still holding the old slot, for a handler slot to be free.
+        """
+        if self.handler_slots is not None:
+            await self.handler_slots.acquire()
         self.release_slot()
+        return self.handler_slots
+
+    def release(
+        self,
+        client_address: Any,
+        slot: trio.Semaphore | _Default | None = DEFAULT,
+    ) -> None:
+        """Give back what an admitted request held: its slot and its peer count.
+
+        ``slot`` is the one it holds, if :meth:`trade_slot` changed it.
+        """
+        if slot is DEFAULT:
+            self.release_slot()
+        elif slot is not None:
+            slot.release()
         if not self.peers:
             return
         peer = _peer_of(client_address)
@@ -259,7 +317,10 @@ class BaseServer:
 
     A server hands each request to ``RequestHandlerClass`` in a task of its
     own. It does no I/O of its own; :class:`TCPServer` and its kin add the
-    socket. Subclasses override the hooks below, all of which are async.
+    socket. Subclasses override the hooks below, all of which are async: a
+    plain ``def`` override, or a handler class with a plain ``def`` ``setup``,
+    ``handle`` or ``finish``, raises :exc:`TypeError` naming the method, when
+    the class is defined or the server constructed.
 
     Args:
       server_address: Where to listen, in the form the socket family takes.
@@ -278,7 +339,10 @@ class BaseServer:
     shutdown_timeout: float = 5.0
     #: The most requests handled at once; ``None`` means no bound. At the
     #: bound the server stops accepting until a request finishes, so excess
-    #: clients wait in the listen backlog instead of in memory.
+    #: clients wait in the listen backlog instead of in memory. (Under TLS
+    #: or the PROXY protocol, a connection takes its slot once its handshake
+    #: is done; until then it counts against
+    #: :attr:`TCPServer.max_concurrent_handshakes` instead.)
     max_concurrent_requests: int | None = None
     #: The most requests handled at once for one peer host; a connection
     #: beyond it is closed at accept and counted in ``stats.rejected``, so
@@ -310,6 +374,11 @@ class BaseServer:
     #: them shuts down at once.
     drain_window: float = 0.25
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Refused where it is written, before any request.
+        check_async_hooks(cls, [name for name in SERVER_HOOKS if name in vars(cls)])
+
     def __init__(
         self,
         server_address: Any,
@@ -322,6 +391,9 @@ class BaseServer:
         shutdown_timeout: float | _Default = DEFAULT,
         drain_window: float | _Default = DEFAULT,
     ) -> None:
+        # A hook made synchronous after its class was defined, too.
+        check_async_hooks(RequestHandlerClass, HANDLER_HOOKS)
+        check_async_hooks(type(self), SERVER_HOOKS)
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         options = {
@@ -348,6 +420,9 @@ class BaseServer:
                 raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
+        # See ACCEPT_RETRY_DELAY.
+        self._accept_retry_delay = ACCEPT_RETRY_DELAY
+        self._accept_error_log = WarningLimiter(LOGGER, ACCEPT_ERROR_LOG_INTERVAL)
         self._serving: _Serving | None = None
         self._accepting = False
         # Handlers' readers watch this to leave promptly when shutdown
@@ -425,15 +500,21 @@ class BaseServer:
         Error handling:
           An exception from a handler goes to :meth:`handle_error` and
           serving goes on. Out-of-resource errors from accept (``EMFILE``,
-          ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) are logged and retried after
-          a short pause; errors that concern one pending connection
+          ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) are retried after a pause
+          that doubles from 0.1 s up to 1 s while they go on, so accepting
+          resumes within a second of the pressure lifting; each is counted
+          in ``stats.accept_errors``, and they are logged at ERROR at most
+          once every 10 seconds (a line says how many were not logged).
+          Errors that concern one pending connection
           (``ECONNABORTED`` and kin) are skipped. Any other error, and any
           :exc:`BaseException` that is not an :exc:`Exception`, ends
           serving and propagates, wrapped in an exception group by the
           nursery it escapes.
         """
         async with (
-            self._serve(self.max_concurrent_requests) as serving,
+            self._serve(
+                self.max_concurrent_requests, self._preparing_limit()
+            ) as serving,
             trio.open_nursery() as service_nursery,
         ):
             service_nursery.start_soon(self._run_service_actions, poll_interval)
@@ -467,11 +548,19 @@ class BaseServer:
                 await self._handle_accepted(serving, *accepted)
 
     @asynccontextmanager
-    async def _serve(self, max_concurrent: int | None) -> AsyncIterator[_Serving]:
+    async def _serve(
+        self,
+        max_concurrent: int | None,
+        max_preparing: int | _Default | None = DEFAULT,
+    ) -> AsyncIterator[_Serving]:
         if self._serving is not None:
             raise RuntimeError(f"{self!r} is already serving")
         await self._ensure_activated()
         slots = None if max_concurrent is None else trio.Semaphore(max_concurrent)
+        handler_slots = None
+        if max_preparing is not DEFAULT:
+            handler_slots = slots
+            slots = None if max_preparing is None else trio.Semaphore(max_preparing)
         finished = trio.Event()
         enclosing = _ENCLOSING_SERVERS.set((*_ENCLOSING_SERVERS.get(), self))
         serving: _Serving | None = None
@@ -479,7 +568,12 @@ class BaseServer:
             async with trio.open_nursery() as nursery:
                 self._shutdown_signal = ShutdownSignal(self.drain_window, self.stats)
                 self._serving = serving = _Serving(
-                    nursery, finished, slots, self._prepares_requests()
+                    nursery,
+                    finished,
+                    slots,
+                    self._prepares_requests(),
+                    prepares_apart=max_preparing is not DEFAULT,
+                    handler_slots=handler_slots,
                 )
                 serving.look_up_hooks(self)
                 try:
@@ -571,30 +665,36 @@ class BaseServer:
         """Return the next request from ``source``; None once it is closed."""
         while True:
             try:
-                return await source()
+                accepted = await source()
             except trio.ClosedResourceError:
                 return None
             except OSError as exc:
                 if not await self._get_request_failed(exc):
                     return None
+            else:
+                self._accept_retry_delay = ACCEPT_RETRY_DELAY
+                return accepted
 
     async def _get_request_failed(self, exc: OSError) -> bool:
         """Deal with ``exc`` from accept or receive: False if the socket is closed.
 
         True means try again: after a pause if the system is out of
-        something, at once if the error was one pending connection's. Any
-        other error is raised.
+        something (see ``ACCEPT_RETRY_DELAY``), at once if the error was one
+        pending connection's. Any other error is raised.
         """
         if exc.errno in ACCEPT_CLOSED_ERRNOS:
             return False
         if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-            LOGGER.error(
+            self.stats.accept_errors += 1
+            delay = self._accept_retry_delay
+            self._accept_retry_delay = min(2 * delay, ACCEPT_RETRY_MAX_DELAY)
+            self._accept_error_log.error(
                 "accept failed with %s (%s); retrying in %s seconds",
                 errno.errorcode[exc.errno],
                 os.strerror(exc.errno),
-                ACCEPT_RETRY_DELAY,
+                delay,
             )
-            await trio.sleep(ACCEPT_RETRY_DELAY)
+            await trio.sleep(delay)
         elif exc.errno in ACCEPT_TRANSIENT_ERRNOS:
             LOGGER.debug("accept failed with %r; skipping", exc)
         else:
@@ -654,6 +754,8 @@ class BaseServer:
         stats.active += 1
         # What the peer limit counted, before a PROXY header may change it.
         connected_from = client_address
+        # The slot this request holds (see _Serving.prepares_apart).
+        slot: trio.Semaphore | _Default | None = DEFAULT
         try:
             if serving.prepares:
                 prepared = await self._prepare_request(request, client_address)
@@ -661,6 +763,8 @@ class BaseServer:
                     stats.dropped += 1
                     return
                 request, client_address = prepared
+                if serving.prepares_apart:
+                    slot = await serving.trade_slot()
             timeout = self.request_timeout
             if timeout is None and serving.runs_handler:
                 # Neither through _finish_within_deadline nor finish_request:
@@ -691,7 +795,7 @@ class BaseServer:
             # Shutting a datagram down, say, would do nothing.
             if not serving.skips_close:
                 await self._close_request(request)
-            serving.release(connected_from)
+            serving.release(connected_from, slot)
 
     def _prepares_requests(self) -> bool:
         """Whether requests need :meth:`_prepare_request`, asked as serving starts.
@@ -700,6 +804,16 @@ class BaseServer:
         nothing to prepare.
         """
         return False
+
+    def _preparing_limit(self) -> int | _Default | None:
+        """The bound on requests being prepared, asked as serving starts.
+
+        DEFAULT, as here, where preparing does not wait: a request holds one
+        ``max_concurrent_requests`` slot from accept on. Otherwise requests
+        being prepared hold a slot of their own, bounded by this (None: no
+        bound), and take a ``max_concurrent_requests`` slot once prepared.
+        """
+        return DEFAULT
 
     async def _prepare_request(
         self, request: Any, client_address: Any

@@ -40,6 +40,10 @@ LOGGER = logging.getLogger("trioserve")
 # any real load.
 DEFAULT_REQUEST_QUEUE_SIZE = 65535
 
+#: Seconds between two warnings about dropped requests, per server: datagrams
+#: and connections refused for their PROXY header (or lack of one).
+DROP_WARNING_INTERVAL = 10.0
+
 
 _SocketServerT = TypeVar("_SocketServerT", bound="TCPServer")
 
@@ -70,6 +74,14 @@ class TCPServer(BaseServer):
     ending the stream, as web servers do: a protocol that must detect
     truncation frames its messages.
 
+    A connection being prepared (its PROXY header read, its TLS handshake
+    done) does not count against ``max_concurrent_requests``: it takes a
+    request slot only once prepared, so clients that connect and say
+    nothing hold up no one but themselves. Connections being prepared, and
+    prepared ones waiting for a request slot, are bounded by
+    :attr:`max_concurrent_handshakes` instead: with that many, the server
+    stops accepting until one of them is done.
+
     Construction does no I/O. With ``bind_and_activate=True`` the socket is
     made, bound and put to listen once, on ``async with server`` or at the
     start of :meth:`serve_forever` or :meth:`handle_request`, whichever comes
@@ -90,8 +102,8 @@ class TCPServer(BaseServer):
         shutdown and one :attr:`~BaseServer.stats`. See
         :attr:`server_addresses`.
       ssl_context: Serve TLS with this server-side context.
-      handshake_timeout, proxy_protocol, trusted_proxies: Override the class
-        attributes of those names.
+      handshake_timeout, max_concurrent_handshakes, proxy_protocol,
+      trusted_proxies: Override the class attributes of those names.
       max_concurrent_requests, max_connections_per_peer, request_timeout,
       idle_timeout, shutdown_timeout, drain_window: As on :class:`BaseServer`.
     """
@@ -116,16 +128,28 @@ class TCPServer(BaseServer):
     #: ``stats.dropped``, not reported to ``handle_error``, since port
     #: scanners and plain-text clients do it all day. (A missing or bad
     #: PROXY header is dropped too, but logged at WARNING: it means a
-    #: misconfigured proxy or a client going around it.)
+    #: misconfigured proxy or a client going around it; at most once every
+    #: 10 seconds per server, the next warning saying how many were not
+    #: logged.)
     handshake_timeout: float = 10.0
+    #: The most connections being prepared at once (PROXY header and TLS
+    #: handshake), counting prepared ones that wait for a
+    #: ``max_concurrent_requests`` slot; ``None`` means no bound. Only where
+    #: there is something to prepare (``ssl_context`` or ``proxy_protocol``).
+    #: At the bound the server stops accepting until one is done, so silent
+    #: connections, each let go after :attr:`handshake_timeout`, stop service
+    #: only once there are this many at once: keep it above the handshakes
+    #: a busy moment brings, and below the process's descriptor limit.
+    max_concurrent_handshakes: int | None = 1000
     #: Whether each connection starts with a PROXY protocol header (HAProxy's
     #: spec) giving the real client's address: ``"off"``, ``"v1"``, ``"v2"``,
     #: or ``"auto"`` for either. With it on, a connection from a peer not in
     #: :attr:`trusted_proxies`, or whose header is malformed or late, is
-    #: closed, logged at WARNING and counted in ``stats.dropped``; otherwise
-    #: ``client_address`` becomes the address the header gives (a ``LOCAL``
-    #: or ``UNKNOWN`` header, as a proxy's health check sends, leaves the
-    #: real peer's). The header is read in the request's own task, before
+    #: closed, logged at WARNING (at most once every 10 seconds per server,
+    #: so that no peer can flood the log) and counted in ``stats.dropped``;
+    #: otherwise ``client_address`` becomes the address the header gives (a
+    #: ``LOCAL`` or ``UNKNOWN`` header, as a proxy's health check sends,
+    #: leaves the real peer's). The header is read in the request's own task, before
     #: any TLS handshake and after ``verify_request``, which therefore sees
     #: the proxy's address. Datagram servers take version 2 only (``"auto"``
     #: means ``"v2"`` there): see :class:`UDPServer`.
@@ -143,6 +167,7 @@ class TCPServer(BaseServer):
         extra_addresses: Sequence[Any] = (),
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | _Default = DEFAULT,
+        max_concurrent_handshakes: int | _Default | None = DEFAULT,
         proxy_protocol: ProxyProtocolMode | _Default = DEFAULT,
         trusted_proxies: Sequence[str] | _Default = DEFAULT,
         max_concurrent_requests: int | _Default | None = DEFAULT,
@@ -170,6 +195,10 @@ class TCPServer(BaseServer):
         self.ssl_context = ssl_context
         if handshake_timeout is not DEFAULT:
             self.handshake_timeout = handshake_timeout
+        if max_concurrent_handshakes is not DEFAULT:
+            self.max_concurrent_handshakes = max_concurrent_handshakes
+        if (limit := self.max_concurrent_handshakes) is not None and limit < 1:
+            raise ValueError("max_concurrent_handshakes must be at least 1, or None")
         if proxy_protocol is not DEFAULT:
             self.proxy_protocol = proxy_protocol
         if trusted_proxies is not DEFAULT:
@@ -177,6 +206,9 @@ class TCPServer(BaseServer):
         self._trusted_networks = _trusted_networks(
             self.proxy_protocol, self.trusted_proxies
         )
+        # Requests refused for their PROXY header are logged through this:
+        # an untrusted peer can send them as fast as it can connect.
+        self._drop_warnings = WarningLimiter(LOGGER, DROP_WARNING_INTERVAL)
         if (
             self.proxy_protocol == "v1"
             and self.socket_type != stdlib_socket.SOCK_STREAM
@@ -446,6 +478,12 @@ class TCPServer(BaseServer):
     def _prepares_requests(self) -> bool:
         return self.proxy_protocol != "off" or self.ssl_context is not None
 
+    def _preparing_limit(self) -> int | _Default | None:
+        # Reading a PROXY header or shaking hands waits for the client.
+        if self.socket_type == stdlib_socket.SOCK_STREAM and self._prepares_requests():
+            return self.max_concurrent_handshakes
+        return DEFAULT
+
     async def _prepare_request(
         self, request: Any, client_address: Any
     ) -> tuple[Any, Any] | None:
@@ -469,7 +507,9 @@ class TCPServer(BaseServer):
                 return None
             return stream, client_address
         if self.proxy_protocol != "off":
-            LOGGER.warning("closed %r: no PROXY header in time", client_address)
+            self._drop_warnings.warning(
+                "closed %r: no PROXY header in time", client_address
+            )
         else:
             LOGGER.debug("TLS handshake with %r timed out", client_address)
         return None
@@ -504,7 +544,9 @@ class TCPServer(BaseServer):
     async def _read_proxy_header(self, stream: trio.abc.Stream, peer: Any) -> Any:
         """The client address a trusted proxy's header gives; None to drop."""
         if not _is_trusted(peer, self._trusted_networks):
-            LOGGER.warning("closed a connection from %r: not a trusted proxy", peer)
+            self._drop_warnings.warning(
+                "closed a connection from %r: not a trusted proxy", peer
+            )
             return None
         parser = ProxyHeaderParser(cast(ProxyMode, self.proxy_protocol))
         header = None
@@ -514,7 +556,7 @@ class TCPServer(BaseServer):
             while header is None:
                 header = parser.feed(await stream.receive_some(parser.next_needed))
         except (ProxyProtocolError, trio.BrokenResourceError) as exc:
-            LOGGER.warning("closed a connection from %r: %s", peer, exc)
+            self._drop_warnings.warning("closed a connection from %r: %s", peer, exc)
             return None
         return peer if header.source is None else header.source
 
@@ -583,10 +625,6 @@ class _RelayedDatagram(tuple[bytes, trio.socket.SocketType]):
         return datagram
 
 
-#: Seconds between two warnings about dropped datagrams, per server.
-DROP_WARNING_INTERVAL = 10.0
-
-
 class UDPServer(TCPServer):
     """A datagram server: ``socketserver.UDPServer`` on Trio.
 
@@ -626,9 +664,6 @@ class UDPServer(TCPServer):
         super().__init__(*args, **kwargs)
         # Paces the ready receives of every listener's accept loop.
         self._pacer = Pacer()
-        # Dropped datagrams are logged through this: a sender can send them
-        # faster than the log can take them.
-        self._drop_warnings = WarningLimiter(LOGGER, DROP_WARNING_INTERVAL)
 
     async def server_activate(self) -> None:
         """Nothing to do: datagram sockets do not listen."""

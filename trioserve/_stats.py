@@ -50,3 +50,10 @@ class ServerStats:
     #: Input dropped before any request was made of it, such as a datagram
     #: longer than ``max_packet_size``. Not counted in ``accepted``.
     malformed: int = 0
+    #: Times accepting a connection (or receiving a datagram) failed because
+    #: the process or the system ran out of something: file descriptors
+    #: (``EMFILE``, ``ENFILE``) or memory (``ENOMEM``, ``ENOBUFS``). The
+    #: server pauses and tries again; a count that keeps growing means it
+    #: needs a higher descriptor limit (``ulimit -n``) or fewer connections.
+    #: Not counted in ``accepted``.
+    accept_errors: int = 0
