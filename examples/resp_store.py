@@ -142,8 +142,8 @@ class RESPHandler(trioserve.StreamRequestHandler):
             case b"DEL", [_, *_]:
                 return integer(sum(STORE.pop(key, None) is not None for key in args))
             case b"CONFIG", [subcommand, parameter] if subcommand.upper() == b"GET":
-                value = CONFIG.get(parameter.lower())
-                return array([] if value is None else [parameter.lower(), value])
+                wanted = parameter.lower()
+                return array([wanted, CONFIG[wanted]] if wanted in CONFIG else [])
             case b"QUIT", []:
                 return simple("OK")
         word = name[:40].decode("utf-8", "replace")

@@ -578,10 +578,8 @@ def test_http_keepalive_serves_many_requests_per_connection(how: str) -> None:
 def test_http_keepalive_refuses_bad_requests_and_closes(
     request_bytes: bytes, status: bytes
 ) -> None:
-    with serving_example("script", "http_keepalive", "HTTPHandler") as (
-        example,
-        address,
-    ):
+    served = serving_example("script", "http_keepalive", "HTTPHandler")
+    with served as (example, address):
         with line_client(address) as client:
             status_line, headers, _ = http_exchange(client, request_bytes)
             assert status_line.split()[1] == status
