@@ -494,6 +494,192 @@ def test_kv_store_keeps_its_data_across_a_graceful_restart(short_tmp: Path) -> N
         example.stop()
 
 
+# -- http_keepalive, resp_store: also served by `python -m trioserve serve` ---
+
+
+@contextlib.contextmanager
+def serving_example(how: str, name: str, handler: str) -> Iterator[tuple[Example, Any]]:
+    """Run example ``name`` as a script, or its ``handler`` with the command line.
+
+    Yields the running process and its TCP address.
+    """
+    if how == "script":
+        with run_example(name, "--port", "0") as example:
+            yield example, example.listening(1)["TCP"]
+        return
+    argv = [sys.executable, "-W", "error::ResourceWarning", "-m", "trioserve"]
+    argv += ["serve", f"{name}:{handler}", "--tcp", "127.0.0.1:0"]
+    with running(Example, argv, cwd=EXAMPLES) as example:
+        line = example.stdout.next_line()
+        assert line is not None, example.stderr.join()
+        assert line.startswith("trioserve: serving TCP on "), line
+        yield example, parse_address(line.rpartition(" on ")[2])
+
+
+HOW = ["script", "command-line"]
+
+
+def http_exchange(
+    client: LineClient, request: bytes
+) -> tuple[bytes, dict[str, str], bytes]:
+    """Send ``request``; return the reply's status line, headers and body line."""
+    client.send(request)
+    status = client.readline()
+    headers = {}
+    while (line := client.readline()) != b"\r\n":
+        assert line.endswith(b"\r\n"), f"end of stream in the headers: {line!r}"
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.lower()] = value.strip()
+    body = client.readline() if int(headers["content-length"]) else b""
+    assert len(body) == int(headers["content-length"]), body
+    return status, headers, body
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_http_keepalive_serves_many_requests_per_connection(how: str) -> None:
+    with serving_example(how, "http_keepalive", "HTTPHandler") as (example, address):
+        with line_client(address) as client:
+            for target in ("/", "/again"):
+                request = f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                status, headers, body = http_exchange(client, request)
+                assert status == b"HTTP/1.1 200 OK\r\n"
+                assert headers["connection"] == "keep-alive"
+                assert body == f"Hello from trioserve: GET {target}\n".encode()
+            post = b"POST /form HTTP/1.1\r\nContent-Length: 5\r\n\r\na=b&c"
+            _, _, body = http_exchange(client, post)
+            assert body == b"Hello from trioserve: POST /form\n"
+            client.send(b"HEAD / HTTP/1.1\r\n\r\n")
+            assert client.readline() == b"HTTP/1.1 200 OK\r\n"
+            while client.readline() != b"\r\n":
+                pass  # HEAD: the headers of a GET, and no body
+            # The client may end the connection in its protocol, too.
+            closing = b"GET /bye HTTP/1.1\r\nConnection: close\r\n\r\n"
+            _, headers, _ = http_exchange(client, closing)
+            assert headers["connection"] == "close"
+            assert client.readline() == b""
+        with line_client(address) as client:  # HTTP/1.0 closes by default
+            _, headers, _ = http_exchange(client, b"GET / HTTP/1.0\r\n\r\n")
+            assert headers["connection"] == "close"
+            assert client.readline() == b""
+        example.stop()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (b"GET / HTTP/2.0\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\n", b"413"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"501"),
+    ],
+)
+def test_http_keepalive_refuses_bad_requests_and_closes(
+    request_bytes: bytes, status: bytes
+) -> None:
+    served = serving_example("script", "http_keepalive", "HTTPHandler")
+    with served as (example, address):
+        with line_client(address) as client:
+            status_line, headers, _ = http_exchange(client, request_bytes)
+            assert status_line.split()[1] == status
+            assert headers["connection"] == "close"
+            assert client.readline() == b""
+        example.stop()
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_http_keepalive_says_goodbye_when_shutting_down(how: str) -> None:
+    with serving_example(how, "http_keepalive", "HTTPHandler") as (example, address):
+        with line_client(address) as idle, line_client(address) as busy:
+            request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            for client in (idle, busy):
+                assert http_exchange(client, request)[1]["connection"] == "keep-alive"
+            # A request half sent when the signal comes is answered, with
+            # the goodbye; an idle connection just ends.
+            busy.send(request[:-6])
+            example.proc.send_signal(signal.SIGTERM)
+            example.stderr.wait_for("shutting down")
+            assert idle.readline() == b""
+            busy.send(request[-6:])
+            status, headers, _ = http_exchange(busy, b"")
+            assert status == b"HTTP/1.1 200 OK\r\n"
+            assert headers["connection"] == "close"
+            assert busy.readline() == b""
+        example.finish()
+
+
+def resp_reply(client: LineClient) -> bytes:
+    """One RESP reply, whole: a line, or a bulk string or array with its parts."""
+    line = client.readline()
+    if line[:1] == b"$" and line != b"$-1\r\n":
+        # Bulk strings are binary: read by length, not by line.
+        size = int(line[1:]) + 2
+        while len(client.buffer) < size:
+            chunk = client.sock.recv(65536)
+            assert chunk, f"end of stream in a bulk string: {client.buffer!r}"
+            client.buffer += chunk
+        data, client.buffer = client.buffer[:size], client.buffer[size:]
+        return line + data
+    if line[:1] == b"*":
+        return line + b"".join(resp_reply(client) for _ in range(int(line[1:])))
+    return line
+
+
+def resp_command(*words: bytes) -> bytes:
+    parts = [b"$%d\r\n%s\r\n" % (len(word), word) for word in words]
+    return b"*%d\r\n" % len(words) + b"".join(parts)
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_resp_store_commands_and_pipelining(how: str) -> None:
+    with serving_example(how, "resp_store", "RESPHandler") as (example, address):
+        with line_client(address) as client:
+
+            def ask(*words: bytes) -> bytes:
+                client.send(resp_command(*words))
+                return resp_reply(client)
+
+            assert ask(b"PING") == b"+PONG\r\n"
+            assert ask(b"ping", b"hi") == b"$2\r\nhi\r\n"
+            assert ask(b"ECHO", b"a\r\nb") == b"$4\r\na\r\nb\r\n"
+            assert ask(b"GET", b"greeting") == b"$-1\r\n"
+            assert ask(b"SET", b"greeting", b"hello world") == b"+OK\r\n"
+            assert ask(b"GET", b"greeting") == b"$11\r\nhello world\r\n"
+            assert ask(b"DEL", b"greeting", b"other") == b":1\r\n"
+            assert ask(b"CONFIG", b"GET", b"save") == b"*2\r\n$4\r\nsave\r\n$0\r\n\r\n"
+            assert ask(b"CONFIG", b"GET", b"nothing") == b"*0\r\n"
+            # Unknown commands and wrong arguments get an error; it carries on.
+            assert ask(b"FROB").startswith(b"-ERR unknown command")
+            assert ask(b"SET", b"lonely").startswith(b"-ERR ")
+            # Inline commands, as typed by hand.
+            client.send(b"PING\r\n\r\nSET k v\r\n")
+            assert resp_reply(client) == b"+PONG\r\n"
+            assert resp_reply(client) == b"+OK\r\n"
+            # Pipelined: many commands in one send, replies in order.
+            client.send(b"".join(resp_command(b"ECHO", b"%d" % n) for n in range(50)))
+            for n in range(50):
+                assert resp_reply(client) == b"$%d\r\n%d\r\n" % (len(str(n)), n)
+            assert ask(b"QUIT") == b"+OK\r\n"
+            assert client.readline() == b""
+        with line_client(address) as client:  # the same store, on a new connection
+            client.send(resp_command(b"GET", b"k"))
+            assert resp_reply(client) == b"$1\r\nv\r\n"
+        example.stop()
+
+
+@pytest.mark.parametrize(
+    "bad", [b"*x\r\n", b"*1\r\n:1\r\n", b"*1\r\n$3\r\nPINGPONG\r\n", b"*99999\r\n"]
+)
+def test_resp_store_closes_after_a_protocol_error(bad: bytes) -> None:
+    with serving_example("script", "resp_store", "RESPHandler") as (example, address):
+        with line_client(address) as client:
+            client.send(bad)
+            assert client.readline().startswith(b"-ERR Protocol error: ")
+            assert client.readline() == b""
+        example.stop()
+
+
 # -- embedded -----------------------------------------------------------------
 
 
@@ -538,8 +724,10 @@ EXAMPLE_NAMES = [
     "allow_list",
     "chat",
     "embedded",
+    "http_keepalive",
     "kv_store",
     "multi_protocol",
+    "resp_store",
     "tcp_echo",
     "tls_echo",
     "udp_echo",

@@ -1,0 +1,63 @@
+"""The examples' handlers, counting the replies they write, for real-client tests.
+
+Served by ``python -m trioserve serve counting_handlers:HTTPHandler`` (or
+``:RESPHandler``) run from ``tests/`` with ``examples/`` on ``PYTHONPATH``;
+:mod:`real_clients` starts it so.
+
+Both examples write each reply in one ``wfile.write``, so a write that
+returned is one reply the server wrote: its bytes are with the kernel (or
+the TLS stream's transport), and a clean close must deliver them. Every
+process that imports this module prints ``replies-written N`` on stderr when
+it exits: under ``--workers`` that is one line per worker, plus one saying 0
+from the supervisor, which serves nothing itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+import http_keepalive
+import resp_store
+
+import trioserve
+
+REPLIES_WRITTEN_LINE = "replies-written"
+
+_replies_written = 0
+
+
+@atexit.register
+def _report() -> None:
+    print(
+        f"{REPLIES_WRITTEN_LINE} {_replies_written} pid {os.getpid()}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class CountingWriter(trioserve.AsyncBufferedWriter):
+    async def write(self, data: bytes | bytearray | memoryview) -> int:
+        global _replies_written
+        written = await super().write(data)
+        _replies_written += 1
+        return written
+
+
+class CountReplies(trioserve.StreamRequestHandler):
+    """Makes ``wfile`` count its writes; put it first among the bases."""
+
+    async def setup(self) -> None:
+        await super().setup()
+        self.wfile = CountingWriter(
+            self.connection, buffer_size=self.wbufsize, timeout=self.timeout
+        )
+
+
+class HTTPHandler(CountReplies, http_keepalive.HTTPHandler):
+    pass
+
+
+class RESPHandler(CountReplies, resp_store.RESPHandler):
+    pass
