@@ -323,9 +323,10 @@ def _client(
             if batch > 0 and reader.ended():
                 counts.ended_before_sending += 1
                 raise EndOfStream
-            data, in_flight = protocol.batch(number, batch)
+            data, count = protocol.batch(number, batch)
             sock.sendall(data)
-            counts.sent += in_flight
+            in_flight = count
+            counts.sent += count
             last = False
             while in_flight:
                 last = protocol.read_reply(reader)
