@@ -32,6 +32,7 @@ import dataclasses
 import errno
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -234,8 +235,16 @@ class Counts:
             )
 
 
+@dataclasses.dataclass
 class Protocol:
-    """How a client asks and how it reads a reply."""
+    """How a client asks and how it reads a reply.
+
+    ``think``: the most seconds a client pauses between a reply and its next
+    request (a random pause, as an application's between requests), so that
+    connections are often idle, with a request due soon, when SIGTERM comes.
+    """
+
+    think: float = 0.0
 
     def batch(self, client: int, number: int) -> tuple[bytes, int]:
         """The next requests to send at once, and how many they are."""
@@ -307,13 +316,17 @@ def _client(
                 sock, server_hostname=address[0], suppress_ragged_eofs=False
             )
         reader = Reader(sock)
+        pause = random.Random(number).uniform
         for batch in range(sys.maxsize):
+            if batch > 0 and protocol.think:
+                time.sleep(pause(0, protocol.think))
             if batch > 0 and reader.ended():
                 counts.ended_before_sending += 1
                 raise EndOfStream
-            data, in_flight = protocol.batch(number, batch)
+            data, count = protocol.batch(number, batch)
             sock.sendall(data)
-            counts.sent += in_flight
+            in_flight = count
+            counts.sent += count
             last = False
             while in_flight:
                 last = protocol.read_reply(reader)
