@@ -90,7 +90,7 @@ def assert_nothing_lost(outcome: Outcome) -> None:
     assert counts.errors == [], summary
     assert counts.resets == 0, summary
     assert counts.ragged_ends == 0, summary
-    assert outcome.replies_lost == 0, summary
+    assert outcome.replies_lost == 0, f"{summary}\n{outcome.stderr}"
 
 
 # -- our own clients ----------------------------------------------------------

@@ -720,6 +720,10 @@ class UDPServer(TCPServer):
         pacer = self._pacer
         looks = 0
         while True:
+            # Paced before the receive, not after: a cancellation (the
+            # shutdown's) then never strikes a datagram already taken.
+            if pacer.due():
+                await trio.lowlevel.checkpoint()
             try:
                 data, client_address = inner.recvfrom(receive_size)
             except BlockingIOError:
@@ -733,8 +737,6 @@ class UDPServer(TCPServer):
                     continue
                 return
             looks = 0
-            if pacer.due():
-                await trio.lowlevel.checkpoint()
             if len(data) > size:
                 self._drop_oversized(client_address)
             else:

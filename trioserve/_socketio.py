@@ -47,7 +47,12 @@ def stdlib_socket_of(sock: trio.socket.SocketType) -> socket.socket | None:
 
 
 class Pacer:
-    """Counts ready operations; checkpoints after enough of them in a row."""
+    """Counts ready operations; checkpoints after enough of them in a row.
+
+    The checkpoint comes before an operation, never after it: a task
+    cancelled there has then not taken the bytes or sent them, which is
+    what Trio promises of an operation that raises :exc:`trio.Cancelled`.
+    """
 
     __slots__ = ("_ready",)
 
@@ -152,15 +157,14 @@ async def receive_datagram(
     if inner is None:
         return await sock.recvfrom(size + 1)
     looks = 0
+    # Paced before the receive (see Pacer).
+    if pacer.due():
+        await trio.lowlevel.checkpoint()
     while True:
         try:
-            received = inner.recvfrom(size + 1)
+            return inner.recvfrom(size + 1)
         except BlockingIOError:
             looks = await look_again_or_wait(inner, looks)
-        else:
-            if pacer.due():
-                await trio.lowlevel.checkpoint()
-            return received
 
 
 async def send_datagram(

@@ -167,49 +167,51 @@ class AsyncBufferedReader(_LineIterator):
         data: bytes | bytearray | None
         if io is None:
             data = await self._receive_some(signal)
-        # After a receive that took all the socket had, the next message is
-        # most likely not there yet: a receive at once would only fail with
-        # EAGAIN, a system call and a Python exception, about a microsecond.
-        # So the task first lets the others run (see below).
-        elif not io.drained and (
-            (data := io.try_receive(self.receive_size)) is not None
-        ):
-            if io.due():
-                await trio.lowlevel.checkpoint()
         else:
-            # Waited for here rather than in a helper: every coroutine between
-            # the handler and the wait costs on each wake-up, and an idle
-            # connection keeps them all in memory for as long as it is idle.
-            # Looks again after checkpoints before it waits (see _socketio).
             data = None
-            for _ in range(LOOKS_BEFORE_WAITING):
-                await trio.lowlevel.checkpoint()
+            # After a receive that took all the socket had, the next message
+            # is most likely not there yet: a receive at once would only fail
+            # with EAGAIN, a system call and a Python exception. So the task
+            # first lets the others run (the looks below).
+            if not io.drained:
+                # Paced before the receive (see Pacer).
+                if io.due():
+                    await trio.lowlevel.checkpoint()
                 data = io.try_receive(self.receive_size)
-                if data is not None:
-                    break
-            else:
-                scope = self._wait_scope(signal)
-                if scope is None:
-                    # Not under a null context, whose bound __exit__ the wait
-                    # would keep too.
-                    while data is None:
-                        await trio.lowlevel.wait_readable(io.sock)
-                        data = io.try_receive(self.receive_size)
+            if data is None:
+                # Waited for here rather than in a helper: every coroutine
+                # between the handler and the wait costs on each wake-up, and
+                # an idle connection keeps them all in memory for as long as
+                # it is idle. Looks again after checkpoints before it waits
+                # (see _socketio).
+                for _ in range(LOOKS_BEFORE_WAITING):
+                    await trio.lowlevel.checkpoint()
+                    data = io.try_receive(self.receive_size)
+                    if data is not None:
+                        break
                 else:
-                    try:
-                        with scope:
-                            while data is None:
-                                await trio.lowlevel.wait_readable(io.sock)
-                                data = io.try_receive(self.receive_size)
-                    finally:
-                        if signal is not None:
-                            signal.close_idle_scope(scope)
-                    if data is None:
-                        # One last look: bytes that arrived as the wait was
-                        # ended are read, not left behind.
-                        data = io.try_receive(self.receive_size)
-                    if data is None:
-                        data = self._wait_ended(signal)
+                    scope = self._wait_scope(signal)
+                    if scope is None:
+                        # Not under a null context, whose bound __exit__ the
+                        # wait would keep too.
+                        while data is None:
+                            await trio.lowlevel.wait_readable(io.sock)
+                            data = io.try_receive(self.receive_size)
+                    else:
+                        try:
+                            with scope:
+                                while data is None:
+                                    await trio.lowlevel.wait_readable(io.sock)
+                                    data = io.try_receive(self.receive_size)
+                        finally:
+                            if signal is not None:
+                                signal.close_idle_scope(scope)
+                        if data is None:
+                            # One last look: bytes that arrived as the wait
+                            # was ended are read, not left behind.
+                            data = io.try_receive(self.receive_size)
+                        if data is None:
+                            data = self._wait_ended(signal)
         self._eof = not data
         self._may_idle = True
         return data
@@ -465,13 +467,14 @@ class AsyncBufferedWriter:
         io = self._io
         if io is not None:
             # Sockets take bytes as they are; other buffers as bytes too.
+            # Paced before the send (see Pacer).
+            if io.due():
+                await trio.lowlevel.checkpoint()
             view = data if type(data) is bytes else memoryview(data).cast("B")
             sent = io.try_send(view)
             while sent < len(view):
                 await self._wait_writable(io)
                 sent += io.try_send(memoryview(view)[sent:])
-            if io.due():
-                await trio.lowlevel.checkpoint()
             return
         if self.timeout is None:
             await self._stream.send_all(data)
