@@ -340,6 +340,55 @@ async def test_serve_in_workers_with_one_shared_socket() -> None:
     assert graceful is True
 
 
+class KeepaliveEcho(trioserve.StreamRequestHandler):
+    """Replies "PID KEEPALIVE LINE": the connection inherits SO_KEEPALIVE
+    from the listening socket it came from."""
+
+    async def handle(self) -> None:
+        sock = self.connection.socket
+        keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        async for line in self.rfile:
+            await self.wfile.write(b"%d %d %s" % (os.getpid(), keepalive, line))
+
+
+def make_unbound_keepalive_echo() -> list[trioserve.BaseServer]:
+    # What bind_and_activate=False is for: options on the socket before
+    # binding, which only the supervisor's server_bind() can honour.
+    server = trioserve.TCPServer(
+        ("127.0.0.1", 0), KeepaliveEcho, bind_and_activate=False
+    )
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return [server]
+
+
+async def test_serve_in_workers_binds_a_server_made_not_to_bind_itself() -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serve = partial(trioserve.serve_in_workers, make_unbound_keepalive_echo, 2)
+            graceful = None
+
+            async def supervise(*, task_status: trio.TaskStatus[list[Any]]) -> None:
+                nonlocal graceful
+                graceful = await serve(task_status=task_status)
+
+            [address] = await nursery.start(supervise)
+            assert address[1] != 0
+
+            def ask_keepalive() -> tuple[int, int]:
+                with socket.create_connection(address, timeout=IO_TIMEOUT) as client:
+                    client.sendall(b"hi\n")
+                    pid, keepalive, line = client.makefile("rb").readline().split()
+                assert line == b"hi"
+                return int(pid), int(keepalive)
+
+            answers = [await trio.to_thread.run_sync(ask_keepalive) for _ in range(10)]
+            assert os.getpid() not in {pid for pid, _ in answers}
+            # Every worker serves the socket the option was set on.
+            assert {keepalive for _, keepalive in answers} == {1}
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert graceful is True
+
+
 def test_an_address_in_use_fails_before_any_worker_starts() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
