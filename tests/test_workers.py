@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
+from test_server import _has_ipv6_loopback
 
 import trioserve
 
@@ -385,6 +386,36 @@ async def test_serve_in_workers_binds_a_server_made_not_to_bind_itself() -> None
             assert os.getpid() not in {pid for pid, _ in answers}
             # Every worker serves the socket the option was set on.
             assert {keepalive for _, keepalive in answers} == {1}
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert graceful is True
+
+
+def make_every_interface_pid_echo() -> list[trioserve.BaseServer]:
+    return [trioserve.TCPServer(("", 0), PidEcho)]
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_workers_serve_both_families_of_an_empty_host_on_one_port() -> None:
+    # Each worker binds its own SO_REUSEPORT socket on 0.0.0.0 and on ::,
+    # on the port the supervisor's first bind got.
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serve = partial(
+                trioserve.serve_in_workers, make_every_interface_pid_echo, 2
+            )
+            graceful = None
+
+            async def supervise(*, task_status: trio.TaskStatus[list[Any]]) -> None:
+                nonlocal graceful
+                graceful = await serve(task_status=task_status)
+
+            [(host, port)] = await nursery.start(supervise)
+            assert (host, port != 0) == ("0.0.0.0", True)
+            for address in [("127.0.0.1", port), ("::1", port)]:
+                answered = [
+                    await trio.to_thread.run_sync(ask, address) for _ in range(4)
+                ]
+                assert os.getpid() not in answered
             os.kill(os.getpid(), signal.SIGTERM)
     assert graceful is True
 

@@ -74,8 +74,12 @@ def _has_ipv6() -> bool:
 
 
 def _every_interface(address: Any, family: int) -> list[Any]:
-    """What to listen on for ``address``: itself, or for host ``""`` or ``None``
-    in IPv4, every interface of both families (``0.0.0.0`` and ``::``)."""
+    """The addresses to listen on for ``address``.
+
+    Host ``""`` or ``None`` in IPv4 means every interface of both families:
+    ``0.0.0.0`` and ``::`` (IPv4 alone on a host without IPv6). Any other
+    address stands for itself.
+    """
     if not isinstance(address, tuple) or len(address) != 2:
         return [address]
     host, port = address
@@ -327,7 +331,7 @@ class TCPServer(BaseServer):
                     stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1
                 )
             except BaseException:
-                sock.close()
+                _close_unused(sock)
                 raise
         return sock
 
