@@ -179,3 +179,198 @@ async def test_requests_ready_on_several_listeners_at_once_are_all_served(
                 assert reply == b"both\n"
             await server.shutdown()
     assert server.stats.completed == 2
+
+
+# -- address families, and both families on one port -------------------------
+
+requires_ipv6 = pytest.mark.skipif(
+    not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)"
+)
+
+
+class PeerHost(trioserve.StreamRequestHandler):
+    """Replies with the client's host, as the server saw it."""
+
+    async def handle(self) -> None:
+        await self.wfile.write(self.client_address[0].encode() + b"\n")
+
+
+class DatagramPeerHost(trioserve.DatagramRequestHandler):
+    async def handle(self) -> None:
+        await self.wfile.write(self.client_address[0].encode())
+
+
+async def peer_host_over_stream(family: int, address: tuple[str, int]) -> bytes:
+    """Connect from a socket of ``family``, as the stdlib's own tests do."""
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        with trio.fail_after(5):
+            await sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    async with trio.SocketStream(sock) as client:
+        return await roundtrip(client, b"")
+
+
+async def peer_host_over_datagram(family: int, address: tuple[str, int]) -> bytes:
+    with trio.socket.socket(family, socket.SOCK_DGRAM) as client:
+        await client.sendto(b"?", address)
+        with trio.fail_after(5):
+            return await client.recv(100)
+
+
+def v6only(sock: trio.socket.SocketType) -> int:
+    return sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+
+
+@requires_ipv6
+async def test_an_ipv6_host_needs_no_subclass_and_a_v6_subclass_still_works() -> None:
+    class V6Server(trioserve.TCPServer):
+        address_family = socket.AF_INET6
+
+    literal = trioserve.TCPServer(("::1", 0), PeerHost)
+    assert trioserve.TCPServer.address_family == socket.AF_INET
+    assert literal.address_family == socket.AF_INET6
+    # Host "" in an AF_INET6 class means "::" alone, as in socketserver.
+    subclassed = V6Server(("", 0), PeerHost)
+    assert subclassed.server_addresses == [("", 0)]
+    for server in (literal, subclassed):
+        async with serving(server):
+            port = server.server_address[1]
+            reply = await peer_host_over_stream(server.address_family, ("::1", port))
+            assert reply == b"::1\n"
+            assert v6only(server.socket) == 1
+
+
+@requires_ipv6
+@pytest.mark.parametrize("server_class", [trioserve.TCPServer, trioserve.UDPServer])
+async def test_ipv4_and_ipv6_servers_share_a_port(
+    server_class: type[trioserve.TCPServer],
+) -> None:
+    stream = server_class.socket_type == socket.SOCK_STREAM
+    handler = PeerHost if stream else DatagramPeerHost
+    ask = peer_host_over_stream if stream else peer_host_over_datagram
+    ipv4 = server_class(("0.0.0.0", 0), handler)
+    async with serving(ipv4):
+        port = ipv4.server_address[1]
+        # IPv6 listeners are IPv6-only, so "::" leaves the IPv4 port alone.
+        async with serving(server_class(("::", port), handler)) as ipv6:
+            assert v6only(ipv6.socket) == 1
+            end = b"\n" if stream else b""
+            assert await ask(socket.AF_INET, ("127.0.0.1", port)) == b"127.0.0.1" + end
+            assert await ask(socket.AF_INET6, ("::1", port)) == b"::1" + end
+    assert (ipv4.stats.completed, ipv6.stats.completed) == (1, 1)
+
+
+@requires_ipv6
+@pytest.mark.parametrize("host", ["", None])
+@pytest.mark.parametrize("server_class", [trioserve.TCPServer, trioserve.UDPServer])
+async def test_empty_host_listens_on_both_families_on_one_port(
+    server_class: type[trioserve.TCPServer], host: str | None
+) -> None:
+    stream = server_class.socket_type == socket.SOCK_STREAM
+    handler = PeerHost if stream else DatagramPeerHost
+    ask = peer_host_over_stream if stream else peer_host_over_datagram
+    server = server_class((host, 0), handler)
+    # Known from construction on: two listeners, IPv4 first.
+    assert server.server_address == ("0.0.0.0", 0)
+    assert server.extra_addresses == [("::", 0)]
+    async with serving(server):
+        port = server.server_address[1]
+        assert port != 0
+        assert server.server_addresses == [("0.0.0.0", port), ("::", port, 0, 0)]
+        assert v6only(server.sockets[1]) == 1
+        # Each family reaches its own listener: no IPv4-mapped addresses.
+        end = b"\n" if stream else b""
+        assert await ask(socket.AF_INET, ("127.0.0.1", port)) == b"127.0.0.1" + end
+        assert await ask(socket.AF_INET6, ("::1", port)) == b"::1" + end
+    assert server.stats.completed == 2
+
+
+async def test_empty_host_without_ipv6_is_ipv4_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(trioserve._socket_servers, "_has_ipv6", lambda: False)
+    server = trioserve.TCPServer(("", 0), Echo)
+    assert server.server_addresses == [("0.0.0.0", 0)]
+    async with serving(server):
+        async with await open_stream(("127.0.0.1", server.server_address[1])) as c:
+            assert await roundtrip(c, b"v4\n") == b"v4\n"
+
+
+@requires_ipv6
+async def test_a_server_bind_override_may_make_a_dual_stack_listener() -> None:
+    # http.server's DualStackServer idiom: IPV6_V6ONLY off in server_bind.
+    class DualStack(trioserve.TCPServer):
+        address_family = socket.AF_INET6
+
+        async def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            await super().server_bind()
+
+    async with serving(DualStack(("", 0), PeerHost)) as server:
+        port = server.server_address[1]
+        reply = await peer_host_over_stream(socket.AF_INET, ("127.0.0.1", port))
+        assert reply == b"::ffff:127.0.0.1\n"
+
+
+# -- server.binding ------------------------------------------------------------
+
+
+async def test_binding_says_where_the_server_is(sock_dir: str) -> None:
+    lazy = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    assert lazy.binding == "lazy"
+    async with lazy:
+        assert lazy.binding == "bound"
+    assert lazy.binding == "closed"
+
+    manual = trioserve.TCPServer(("127.0.0.1", 0), Echo, bind_and_activate=False)
+    assert manual.binding == "manual"
+    try:
+        await manual.server_bind()
+        assert manual.binding == "bound"
+    finally:
+        await manual.server_close()
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        adopted = trioserve.TCPServer.from_socket(sock.detach(), Echo)
+    assert adopted.binding == "adopted"
+    await adopted.server_close()
+    assert adopted.binding == "closed"
+
+
+async def test_a_failed_bind_leaves_the_server_lazy_and_able_to_retry(
+    sock_dir: str,
+) -> None:
+    path = os.path.join(sock_dir, "s")
+    with socket.socket(socket.AF_UNIX) as squatter:
+        squatter.bind(path)
+        squatter.listen()
+        server = trioserve.UnixStreamServer(path, Echo)
+        with pytest.raises(OSError, match="could not bind"):
+            async with server:
+                pass
+        assert server.binding == "lazy"
+        assert server.socket.fileno() == -1
+        assert server.socket.family == socket.AF_UNIX
+    os.unlink(path)
+    async with serving(server):
+        assert server.binding == "bound"
+        async with await open_stream(path) as client:
+            assert await roundtrip(client, b"again\n") == b"again\n"
+
+
+def test_socket_is_read_and_made_outside_a_trio_run() -> None:
+    # Servers are often made before trio.run, and serve_in_workers' factory
+    # makes them there: reading server.socket, or bind_and_activate=False's
+    # socket, must not need a run.
+    lazy = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    assert getattr(lazy, "socket", None) is lazy.socket
+    assert lazy.socket.fileno() == lazy.fileno() == -1
+    manual = trioserve.TCPServer(("127.0.0.1", 0), Echo, bind_and_activate=False)
+    manual.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    assert manual.socket.fileno() >= 0
+    trio.run(manual.server_close)
+    assert manual.socket.fileno() == -1

@@ -10,7 +10,8 @@ Deliberate differences from the stdlib, tested as trioserve documents them:
 - every method that may wait is ``async def``;
 - the socket is made, bound and activated lazily (``async with server``,
   ``serve_forever`` or ``handle_request``), not in the constructor, so a bind
-  failure surfaces there;
+  failure surfaces there; until then ``server.socket`` is a closed socket
+  (``fileno() == -1``, as after ``server_close()``);
 - ``TCPServer.allow_reuse_address`` is True and ``request_queue_size`` large;
 - accepted TCP connections have ``TCP_NODELAY`` set;
 - there are no Threading/Forking mix-ins: requests are always concurrent
@@ -116,11 +117,14 @@ Examine = Callable[[int, Any, AddressPicker], Awaitable[None]]
 
 async def stream_examine(family: int, addr: Any, pick: AddressPicker) -> None:
     """Port of ``SocketServerTest.stream_examine``."""
-    if family == socket.AF_UNIX:
-        stream: trio.SocketStream = await trio.open_unix_socket(addr)
-    else:
-        stream = await trio.open_tcp_stream(*addr[:2])
-    async with stream:
+    # As in the stdlib, the client's socket is of the server class's family.
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect(addr)
+    except BaseException:
+        sock.close()
+        raise
+    async with trio.SocketStream(sock) as stream:
         await stream.send_all(TEST_STR)
         buf = data = await stream.receive_some(100)
         while data and b"\n" not in buf:
@@ -158,8 +162,9 @@ async def run_server(
             errors.append(sys.exc_info()[1])
 
     pick = AddressPicker(sockdir)
-    # TCPServer.address_family is None: chosen from the address (IPv4 here).
-    family = svrcls.address_family or socket.AF_INET
+    # As in the stdlib: the address and the clients' sockets come from the
+    # class's address_family (AF_INET for TCP and UDP, AF_UNIX for Unix).
+    family = svrcls.address_family
     # Nothing is in flight when shutdown() is called, so it must return at
     # once without relying on the grace period: make that infinite.
     server = MyServer(pick(family), hdlrbase, shutdown_timeout=math.inf)
@@ -240,16 +245,15 @@ async def test_shutdown() -> None:
 
 
 # Port of test_socketserver.SocketServerTest.test_close_immediately
-# Difference: no socket exists before binding, so closing an unbound server
-# has nothing to close; it must still work, and twice.
+# Difference: no socket is open before binding (server.socket is a closed
+# one), so closing an unbound server has nothing to close; it must still
+# work, and twice, and leave server.socket closed as the stdlib does.
 async def test_close_immediately() -> None:
     server = trioserve.TCPServer((HOST, 0), trioserve.BaseRequestHandler)
-    assert server._socket is None
+    assert server.socket.fileno() == -1
     await server.server_close()
     await server.server_close()
-    assert server._socket is None
-    with pytest.raises(RuntimeError):
-        server.fileno()
+    assert server.socket.fileno() == server.fileno() == -1
 
 
 # Port of test_socketserver.SocketServerTest.test_tcpserver_bind_leak
@@ -263,7 +267,7 @@ async def test_tcpserver_bind_leak() -> None:
         server = trioserve.TCPServer((HOST, -1), trioserve.StreamRequestHandler)
         with pytest.raises(OverflowError):
             await server.serve_forever()
-        assert server._socket is None
+        assert server.socket.fileno() == -1
         assert not server.is_serving()
     assert count_fds() == before
 
@@ -284,7 +288,7 @@ async def test_tcpserver_bind_leak_address_in_use() -> None:
             with pytest.raises(OSError, match=IN_USE) as excinfo:
                 await server.handle_request()
             assert excinfo.value.errno == errno.EADDRINUSE
-            assert server._socket is None
+            assert server.socket.fileno() == -1
         assert count_fds() == before
 
 
@@ -301,7 +305,7 @@ async def test_unixserver_bind_leak_address_in_use(sockdir: str) -> None:
             with pytest.raises(OSError, match=IN_USE) as excinfo:
                 await server.serve_forever()
             assert excinfo.value.errno == errno.EADDRINUSE
-            assert server._socket is None
+            assert server.socket.fileno() == -1
             await server.server_close()
         assert count_fds() == before
         assert await trio.Path(path).exists()
@@ -317,7 +321,7 @@ async def test_unixserver_bind_leak_address_in_use(sockdir: str) -> None:
 async def test_context_manager() -> None:
     server = trioserve.TCPServer((HOST, 0), trioserve.StreamRequestHandler)
     # Difference: construction does no I/O; `async with` binds and listens.
-    assert server._socket is None
+    assert server.socket.fileno() == -1
     async with server as entered:
         assert entered is server
         assert server.server_address[1] != 0
@@ -347,7 +351,7 @@ async def test_context_manager_bind_failure() -> None:
         with pytest.raises(OSError, match=IN_USE) as excinfo:
             await enter_and_exit(server)
         assert excinfo.value.errno == errno.EADDRINUSE
-        assert server._socket is None
+        assert server.socket.fileno() == -1
 
 
 # Port of test_socketserver.SocketServerTest.test_context_manager for the
@@ -792,8 +796,12 @@ def test_class_attribute_differences() -> None:
     assert trioserve.UnixDatagramServer.allow_reuse_address is False
     assert trioserve.UDPServer.max_packet_size == 8192
     assert trioserve.BaseServer.timeout is None
-    assert trioserve.UnixStreamServer.address_family == socket.AF_UNIX
     assert trioserve.UDPServer.socket_type == socket.SOCK_DGRAM
+    # As in socketserver.
+    assert trioserve.TCPServer.address_family == socket.AF_INET
+    assert trioserve.UDPServer.address_family == socket.AF_INET
+    assert trioserve.UnixStreamServer.address_family == socket.AF_UNIX
+    assert trioserve.UnixDatagramServer.address_family == socket.AF_UNIX
 
 
 async def test_tcp_server_sets_reuse_address_and_backlog() -> None:

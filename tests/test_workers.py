@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
+from test_server import _has_ipv6_loopback
 
 import trioserve
 
@@ -336,6 +337,85 @@ async def test_serve_in_workers_with_one_shared_socket() -> None:
             answered = [await trio.to_thread.run_sync(ask, address) for _ in range(20)]
             assert os.getpid() not in answered
             assert 1 <= len(set(answered)) <= 2
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert graceful is True
+
+
+class KeepaliveEcho(trioserve.StreamRequestHandler):
+    """Replies "PID KEEPALIVE LINE": the connection inherits SO_KEEPALIVE
+    from the listening socket it came from."""
+
+    async def handle(self) -> None:
+        sock = self.connection.socket
+        keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        async for line in self.rfile:
+            await self.wfile.write(b"%d %d %s" % (os.getpid(), keepalive, line))
+
+
+def make_unbound_keepalive_echo() -> list[trioserve.BaseServer]:
+    # What bind_and_activate=False is for: options on the socket before
+    # binding, which only the supervisor's server_bind() can honour.
+    server = trioserve.TCPServer(
+        ("127.0.0.1", 0), KeepaliveEcho, bind_and_activate=False
+    )
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return [server]
+
+
+async def test_serve_in_workers_binds_a_server_made_not_to_bind_itself() -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serve = partial(trioserve.serve_in_workers, make_unbound_keepalive_echo, 2)
+            graceful = None
+
+            async def supervise(*, task_status: trio.TaskStatus[list[Any]]) -> None:
+                nonlocal graceful
+                graceful = await serve(task_status=task_status)
+
+            [address] = await nursery.start(supervise)
+            assert address[1] != 0
+
+            def ask_keepalive() -> tuple[int, int]:
+                with socket.create_connection(address, timeout=IO_TIMEOUT) as client:
+                    client.sendall(b"hi\n")
+                    pid, keepalive, line = client.makefile("rb").readline().split()
+                assert line == b"hi"
+                return int(pid), int(keepalive)
+
+            answers = [await trio.to_thread.run_sync(ask_keepalive) for _ in range(10)]
+            assert os.getpid() not in {pid for pid, _ in answers}
+            # Every worker serves the socket the option was set on.
+            assert {keepalive for _, keepalive in answers} == {1}
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert graceful is True
+
+
+def make_every_interface_pid_echo() -> list[trioserve.BaseServer]:
+    return [trioserve.TCPServer(("", 0), PidEcho)]
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_workers_serve_both_families_of_an_empty_host_on_one_port() -> None:
+    # Each worker binds its own SO_REUSEPORT socket on 0.0.0.0 and on ::,
+    # on the port the supervisor's first bind got.
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serve = partial(
+                trioserve.serve_in_workers, make_every_interface_pid_echo, 2
+            )
+            graceful = None
+
+            async def supervise(*, task_status: trio.TaskStatus[list[Any]]) -> None:
+                nonlocal graceful
+                graceful = await serve(task_status=task_status)
+
+            [(host, port)] = await nursery.start(supervise)
+            assert (host, port != 0) == ("0.0.0.0", True)
+            for address in [("127.0.0.1", port), ("::1", port)]:
+                answered = [
+                    await trio.to_thread.run_sync(ask, address) for _ in range(4)
+                ]
+                assert os.getpid() not in answered
             os.kill(os.getpid(), signal.SIGTERM)
     assert graceful is True
 

@@ -394,7 +394,7 @@ WORKERS_NEED_ADDRESSES = "--workers cannot serve --fd or socket-activated socket
 
 def _inherited(server: BaseServer) -> bool:
     """Whether the server serves a socket it was handed, not one it binds."""
-    return isinstance(server, TCPServer) and server._activated
+    return isinstance(server, TCPServer) and server.binding == "adopted"
 
 
 def _with_timeout(

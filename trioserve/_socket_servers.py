@@ -10,7 +10,7 @@ import socket as stdlib_socket
 import ssl
 import stat
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import Any, Literal, TypeVar, cast
 
 import trio
@@ -50,16 +50,51 @@ _SocketServerT = TypeVar("_SocketServerT", bound="TCPServer")
 #: ``proxy_protocol``'s values: "off", or the versions accepted.
 ProxyProtocolMode = Literal["off", "v1", "v2", "auto"]
 
+#: :attr:`TCPServer.binding`'s values.
+Binding = Literal["lazy", "manual", "bound", "adopted", "closed"]
 
-def _family_of(server_address: Any) -> stdlib_socket.AddressFamily:
-    """AF_UNIX for a path, AF_INET6 for an IPv6 literal host, else AF_INET."""
+
+def _family_of(
+    server_address: Any,
+    default: stdlib_socket.AddressFamily = stdlib_socket.AF_INET,
+) -> stdlib_socket.AddressFamily:
+    """AF_UNIX for a path, the family of an IP literal host, else ``default``."""
     if isinstance(server_address, (str, bytes, os.PathLike)):
         return stdlib_socket.AF_UNIX
     try:
         host = ipaddress.ip_address(server_address[0])
     except (ValueError, TypeError, IndexError):
-        return stdlib_socket.AF_INET
+        return default
     return stdlib_socket.AF_INET6 if host.version == 6 else stdlib_socket.AF_INET
+
+
+@cache
+def _has_ipv6() -> bool:
+    """Whether this host can make IPv6 sockets (a kernel may have IPv6 off)."""
+    try:
+        stdlib_socket.socket(stdlib_socket.AF_INET6, stdlib_socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def _every_interface(address: Any, family: int) -> list[Any]:
+    """The addresses to listen on for ``address``.
+
+    Host ``""`` or ``None`` in IPv4 means every interface of both families:
+    ``0.0.0.0`` and ``::`` (IPv4 alone on a host without IPv6). Any other
+    address stands for itself.
+    """
+    if not isinstance(address, tuple) or len(address) != 2:
+        return [address]
+    host, port = address
+    if host not in ("", None):
+        return [address]
+    if family != stdlib_socket.AF_INET:
+        return [("", port)]
+    if not _has_ipv6():
+        return [("0.0.0.0", port)]
+    return [("0.0.0.0", port), ("::", port)]
 
 
 class TCPServer(BaseServer):
@@ -90,6 +125,17 @@ class TCPServer(BaseServer):
     so you can set options on :attr:`socket`, then await :meth:`server_bind`
     and :meth:`server_activate` yourself.
 
+    IPv6 listeners are IPv6-only (``IPV6_V6ONLY``), as in Trio and asyncio,
+    so an IPv4 and an IPv6 listener can share a port. Host ``""`` (or
+    ``None``) means every interface of both families: the server listens on
+    ``0.0.0.0`` and on ``::``, on the same port. :attr:`server_address` is
+    then ``("0.0.0.0", port)`` and ``("::", port)`` comes first in
+    :attr:`extra_addresses`, from construction on, so
+    :attr:`server_addresses` lists both; with port 0 the IPv6 listener
+    binds the port the IPv4 one got. (Only ``0.0.0.0`` on a host without
+    IPv6; a subclass whose :attr:`address_family` is ``AF_INET6`` gets
+    ``::`` alone. Host ``"0.0.0.0"`` or ``"::"`` chooses one family.)
+
     Args:
       server_address: ``(host, port)``; port 0 picks a free port, and
         :attr:`server_address` holds the real address once bound.
@@ -100,7 +146,7 @@ class TCPServer(BaseServer):
         ``(host, port)`` or a Unix socket path, whatever the class's family:
         all listeners share one handler nursery, one concurrency bound, one
         shutdown and one :attr:`~BaseServer.stats`. See
-        :attr:`server_addresses`.
+        :attr:`server_addresses`. Host ``""`` means both families here too.
       ssl_context: Serve TLS with this server-side context.
       handshake_timeout, max_concurrent_handshakes, proxy_protocol,
       trusted_proxies: Override the class attributes of those names.
@@ -108,10 +154,12 @@ class TCPServer(BaseServer):
       idle_timeout, shutdown_timeout, drain_window: As on :class:`BaseServer`.
     """
 
-    #: The socket family; ``None`` (the default here) picks ``AF_INET6`` for
-    #: an IPv6 literal host and ``AF_INET`` otherwise. Set it on a subclass
-    #: to choose.
-    address_family: stdlib_socket.AddressFamily | None = None
+    #: The socket family: ``AF_INET``, as in socketserver. A server's own
+    #: ``address_family`` follows its address: ``AF_INET6`` for an IPv6
+    #: literal host (no subclass needed), ``AF_INET`` for an IPv4 one,
+    #: ``AF_UNIX`` for a path, and the class's for a host name or ``""``.
+    #: Set it to ``AF_INET6`` on a subclass to bind host names in IPv6.
+    address_family: stdlib_socket.AddressFamily = stdlib_socket.AF_INET
     socket_type: stdlib_socket.SocketKind = stdlib_socket.SOCK_STREAM
     #: Set ``SO_REUSEADDR`` before binding. True here (socketserver: False)
     #: so a restarted server can bind while old connections sit in TIME_WAIT;
@@ -218,22 +266,29 @@ class TCPServer(BaseServer):
                 "a line of text for TCP; a datagram server takes 'v2' (or "
                 "'auto', which means v2 for datagrams)"
             )
-        if self.address_family is None:
-            self.address_family = _family_of(server_address)
+        self.address_family = _family_of(server_address, type(self).address_family)
+        addresses: list[Any] = []
+        # Indices in server_addresses of the "::" listeners that host ""
+        # added, whose port 0 means the port of the 0.0.0.0 one before them.
+        self._same_port_as_previous: set[int] = set()
+        for index, address in enumerate([server_address, *extra_addresses]):
+            family = self.address_family if index == 0 else _family_of(address)
+            listened = _every_interface(address, family)
+            if len(listened) == 2:
+                self._same_port_as_previous.add(len(addresses) + 1)
+            addresses += listened
+        self.server_address, *extras = addresses
         #: The addresses listened on besides :attr:`server_address`; real
         #: (bound) addresses once the server is bound.
-        self.extra_addresses = list(extra_addresses)
+        self.extra_addresses = extras
         self._socket: trio.socket.SocketType | None = None
         self._extra_sockets: list[trio.socket.SocketType] = []
         # (path, st_dev, st_ino) of each Unix socket file we made, so close
         # removes those files and not ones made at the same paths since.
         self._socket_files: list[tuple[str | bytes, int, int]] = []
-        self._closed = False
-        # False until bound and listening; with bind_and_activate=False that
-        # is the caller's job, so there is nothing left for us to do.
-        self._activated = not bind_and_activate
+        self._binding: Binding = "lazy" if bind_and_activate else "manual"
         if not bind_and_activate:
-            self._socket = self._new_socket()
+            self._socket = self._new_socket(self.address_family)
 
     @classmethod
     def from_socket(
@@ -274,14 +329,18 @@ class TCPServer(BaseServer):
     def _adopt(self, socks: Sequence[stdlib_socket.socket]) -> None:
         """Listen on these bound sockets instead of binding: the first is
         :attr:`socket`, the others are the extra listeners."""
+        if self._binding not in ("lazy", "manual"):
+            raise RuntimeError(f"{self!r} already has its sockets")
         if self._socket is not None:
-            raise RuntimeError(f"{self!r} already has its socket")
+            # bind_and_activate=False's unbound socket, or the placeholder.
+            _close_unused(self._socket)
         listeners = [trio.socket.from_stdlib_socket(sock) for sock in socks]
         self._socket, *self._extra_sockets = listeners
         self.address_family = stdlib_socket.AddressFamily(self._socket.family)
         self.server_address = self._socket.getsockname()
         self.extra_addresses = [sock.getsockname() for sock in self._extra_sockets]
-        self._activated = True
+        self._same_port_as_previous = set()
+        self._binding = "adopted"
         for listener in listeners:
             self._listen(listener)
 
@@ -290,18 +349,66 @@ class TCPServer(BaseServer):
         if self.socket_type == stdlib_socket.SOCK_STREAM:
             sock.listen(self.request_queue_size)
 
-    def _new_socket(self) -> trio.socket.SocketType:
-        assert self.address_family is not None
-        return trio.socket.socket(self.address_family, self.socket_type)
+    def _new_socket(self, family: int) -> trio.socket.SocketType:
+        """A socket of ``family`` and :attr:`socket_type` to bind a listener on."""
+        # The stdlib's constructor, not trio.socket.socket: this also runs
+        # outside trio.run (bind_and_activate=False, a worker's servers).
+        sock = trio.socket.from_stdlib_socket(
+            stdlib_socket.socket(family, self.socket_type)
+        )
+        if family == stdlib_socket.AF_INET6:
+            # As Trio and asyncio do. A dual-stack "::" listener (Linux's
+            # default) takes the IPv4 port too, so a 0.0.0.0 listener on the
+            # same port fails with EADDRINUSE. Set before server_bind, so an
+            # override of it (or bind_and_activate=False) can turn it off.
+            try:
+                sock.setsockopt(
+                    stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1
+                )
+            except BaseException:
+                _close_unused(sock)
+                raise
+        return sock
+
+    @property
+    def binding(self) -> Binding:
+        """Where the server is in binding its sockets.
+
+        - ``"lazy"``: not bound yet; it binds by itself on ``async with
+          server``, :meth:`serve_forever` or :meth:`handle_request`
+          (``bind_and_activate=True``). Also after a bind that failed.
+        - ``"manual"``: not bound yet, and waiting for you to await
+          :meth:`server_bind` and :meth:`server_activate`
+          (``bind_and_activate=False``).
+        - ``"bound"``: its own sockets are bound, by the server itself or by
+          your call of :meth:`server_bind`.
+        - ``"adopted"``: it serves sockets it was handed
+          (:meth:`from_socket`), which it did not bind.
+        - ``"closed"``: :meth:`server_close` has run.
+        """
+        return self._binding
 
     @property
     def socket(self) -> trio.socket.SocketType:
-        """The listening :mod:`trio.socket` socket, once made."""
+        """The listening :mod:`trio.socket` socket (the first, with several).
+
+        Reading it never raises. Before a server that binds by itself has
+        bound, it is a closed socket of the server's family and type
+        (``fileno()`` is -1): the real one is made when the server binds, so
+        that construction opens nothing. With ``bind_and_activate=False`` it
+        is a new socket from the start, ready for options. After
+        :meth:`server_close` or a failed bind it is the socket, closed:
+        ``server.socket.fileno() == -1``, as in socketserver.
+        """
         if self._socket is None:
-            raise RuntimeError(
-                f"{self!r} has no socket yet: it binds on 'async with server', "
-                "serve_forever() or handle_request()"
-            )
+            try:
+                placeholder = stdlib_socket.socket(
+                    self.address_family, self.socket_type
+                )
+            except OSError:  # an IPv6 address on a host without IPv6
+                placeholder = stdlib_socket.socket(type=self.socket_type)
+            self._socket = trio.socket.from_stdlib_socket(placeholder)
+            _close_unused(self._socket)
         return self._socket
 
     @property
@@ -315,26 +422,27 @@ class TCPServer(BaseServer):
         return [self.server_address, *self.extra_addresses]
 
     def fileno(self) -> int:
-        """The (first) listening socket's file descriptor."""
+        """The (first) listening socket's file descriptor; -1 when it has none."""
         return self.socket.fileno()
 
     async def _ensure_activated(self) -> None:
-        if self._closed:
+        if self._binding == "closed":
             raise trio.ClosedResourceError(f"{self!r} is closed")
-        if self._activated:
+        if self._binding != "lazy":
             await trio.lowlevel.checkpoint()
             return
-        self._socket = self._new_socket()
+        self._socket = self._new_socket(self.address_family)
         try:
             await self.server_bind()
             await self.server_activate()
         except BaseException:
             await self.server_close()
-            self._closed = False
-            self._socket = None
+            # Not closed for good: a later call may try again, on a new
+            # socket. Until then, server.socket is the closed one.
+            self._binding = "lazy"
             self._extra_sockets = []
             raise
-        self._activated = True
+        self._binding = "bound"
 
     async def server_bind(self) -> None:
         """Bind every listener; :attr:`server_addresses` become real.
@@ -346,13 +454,30 @@ class TCPServer(BaseServer):
         Raises:
           OSError: binding failed; the message names the address.
         """
-        self.server_address = await self._bind(self.socket, self.server_address)
-        bound = []
-        for address in self.extra_addresses:
-            sock = trio.socket.socket(_family_of(address), self.socket_type)
-            self._extra_sockets.append(sock)
-            bound.append(await self._bind(sock, address))
-        self.extra_addresses = bound
+        socks = [self.socket]
+        try:
+            await self._bind_addresses(socks)
+        finally:
+            # Those bound and the one that failed: server_close closes them.
+            self._extra_sockets = socks[1:]
+        if self._binding == "manual":
+            self._binding = "bound"
+
+    async def _bind_addresses(self, socks: list[trio.socket.SocketType]) -> None:
+        """Bind a socket to each of :attr:`server_addresses`, which become real.
+
+        ``socks`` holds the sockets for the first addresses; a new one is
+        made for each address beyond and appended to ``socks`` before it is
+        bound, so that whatever fails, the caller has every socket to close.
+        """
+        bound: list[Any] = []
+        for index, address in enumerate(self.server_addresses):
+            if index in self._same_port_as_previous and address[1] == 0:
+                address = (address[0], bound[-1][1])
+            if index == len(socks):
+                socks.append(self._new_socket(_family_of(address)))
+            bound.append(await self._bind(socks[index], address))
+        self.server_address, *self.extra_addresses = bound
 
     async def _bind(self, sock: trio.socket.SocketType, address: Any) -> Any:
         if self.allow_reuse_address and sock.family != stdlib_socket.AF_UNIX:
@@ -406,7 +531,7 @@ class TCPServer(BaseServer):
         therefore sees either a refused connection, which the balancer
         retries elsewhere, or a served one.
         """
-        self._closed = True
+        self._binding = "closed"
         listeners = [sock for sock in [self._socket, *self._extra_sockets] if sock]
         backlog = self._take_backlog(listeners)
         # No checkpoint since the backlog was emptied, so no connection can
@@ -577,6 +702,13 @@ class TCPServer(BaseServer):
         # is closed all the same.
         with contextlib.suppress(trio.BrokenResourceError):
             await close_without_reset(request, linger=self.drain_window)
+
+
+def _close_unused(sock: trio.socket.SocketType) -> None:
+    """Close a socket no task waits on, also outside ``trio.run`` (where
+    Trio's ``close()`` cannot tell the run it is closing)."""
+    inner = stdlib_socket_of(sock)
+    (sock if inner is None else inner).close()
 
 
 def _trusted_networks(

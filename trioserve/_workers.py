@@ -18,7 +18,7 @@ import trio
 
 from ._server import BaseServer
 from ._signals import STOP_SIGNALS, serve_until_signalled
-from ._socket_servers import TCPServer, _family_of
+from ._socket_servers import TCPServer
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -79,7 +79,7 @@ class _Listener:
             return self.shared
         sock, self.spare = self.spare, None
         if sock is None:
-            sock = trio.socket.socket(self.family, self.server.socket_type)
+            sock = self.server._new_socket(self.family)
             try:
                 await self.server._bind(sock, self.address)
             except BaseException:
@@ -92,38 +92,43 @@ class _Listener:
 async def _bind_listeners(server: TCPServer, reuse_port: bool) -> list[_Listener]:
     """Bind ``server``'s addresses once, in the supervisor.
 
-    A server built on sockets it already has (``from_socket``) shares them.
-    Otherwise IP listeners get SO_REUSEPORT under ``reuse_port``; the rest
-    (Unix sockets, which have no such option) are shared.
+    A server that binds by itself (``binding`` "lazy") is bound here: IP
+    listeners get SO_REUSEPORT under ``reuse_port``, so that each worker can
+    have a socket of its own; the rest (Unix sockets, which have no such
+    option) are shared. Any other server's sockets are shared as they are:
+    those it was handed (``from_socket``), those already bound, and those of
+    one made with ``bind_and_activate=False``, which is bound here through
+    its own ``server_bind()`` and ``server_activate()``, as its caller would
+    have done, so that options set on its socket and overrides of those
+    hooks take effect.
     """
-    if server._activated:
+    if server.binding == "manual":
+        await server.server_bind()
+        await server.server_activate()
+    if server.binding != "lazy":
         return [
             _Listener(server, sock.family, sock.getsockname(), shared=sock)
             for sock in server.sockets
         ]
-    wanted = [(server.address_family, server.server_address)]
-    wanted += [(_family_of(address), address) for address in server.extra_addresses]
     server.allow_reuse_port = reuse_port
-    listeners: list[_Listener] = []
-    for family, address in wanted:
-        assert family is not None
-        sock = trio.socket.socket(family, server.socket_type)
-        try:
-            bound = await server._bind(sock, address)
-        except BaseException:
+    socks: list[trio.socket.SocketType] = []
+    try:
+        # Sets the addresses the start-up line reports, with port 0 resolved.
+        await server._bind_addresses(socks)
+    except BaseException:
+        for sock in socks:
             sock.close()
-            _close_listeners([listeners])
-            raise
+        raise
+    listeners: list[_Listener] = []
+    for sock, address in zip(socks, server.server_addresses, strict=True):
         server._listen(sock)
-        listener = _Listener(server, family, bound)
-        if reuse_port and family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
+        listener = _Listener(server, sock.family, address)
+        ip = sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6)
+        if reuse_port and ip:
             listener.spare = sock
         else:
             listener.shared = sock
         listeners.append(listener)
-    # The addresses the start-up line reports, with port 0 resolved.
-    server.server_address = listeners[0].address
-    server.extra_addresses = [listener.address for listener in listeners[1:]]
     return listeners
 
 
@@ -422,8 +427,15 @@ async def serve_in_workers(
     Must be called from the main thread.
 
     Args:
-      make_servers: Returns the servers (:class:`TCPServer` and kin, not
-        bound yet) that each worker runs.
+      make_servers: Returns the servers (:class:`TCPServer` and kin) that
+        each worker runs. Those that bind by themselves are bound here as
+        described above. One made with ``bind_and_activate=False`` is bound
+        here through its own :meth:`~TCPServer.server_bind` and
+        :meth:`~TCPServer.server_activate` (so options you set on its
+        socket in ``make_servers``, and overrides of those hooks, take
+        effect; ``make_servers`` cannot await them itself), and one made
+        with :meth:`~TCPServer.from_socket` keeps its socket: every worker
+        then shares those sockets, without ``SO_REUSEPORT``.
       workers: How many worker processes, or ``"auto"`` for one per usable
         core.
       reuse_port: Give each worker its own ``SO_REUSEPORT`` socket for IP
