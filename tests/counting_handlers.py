@@ -20,6 +20,7 @@ import sys
 
 import http_keepalive
 import resp_store
+import trio
 
 import trioserve
 
@@ -61,3 +62,19 @@ class HTTPHandler(CountReplies, http_keepalive.HTTPHandler):
 
 class RESPHandler(CountReplies, resp_store.RESPHandler):
     pass
+
+
+class SlowDatagramEcho(trioserve.DatagramRequestHandler):
+    """Echoes each datagram after a tenth of a second, counting its replies.
+
+    The pause keeps datagrams in flight, so that a shutdown always finds some.
+    """
+
+    async def handle(self) -> None:
+        await trio.sleep(0.1)
+        await self.wfile.write(self.packet)
+
+    async def finish(self) -> None:
+        global _replies_written
+        await super().finish()
+        _replies_written += 1

@@ -58,7 +58,7 @@ EXIT_TIMEOUT = 10.0
 LOAD_BEFORE_SIGNAL = 0.3
 
 SERVING_LINE = re.compile(
-    r"^trioserve: serving TCP(?:\+TLS)? on (?P<host>[^:]+):(?P<port>\d+)$"
+    r"^trioserve: serving (?:TCP|UDP)(?:\+TLS)? on (?P<host>[^:]+):(?P<port>\d+)$"
 )
 REPLIES_WRITTEN = re.compile(r"^replies-written (?P<count>\d+) ")
 
@@ -124,13 +124,15 @@ def serving(
     *,
     tls: tuple[Path, Path] | None = None,
     workers: int | None = None,
+    listener: str = "--tcp",
 ) -> Iterator[Server]:
     """Serve ``counting_handlers:<handler>`` on a free port; kill it on the way out.
 
-    ``tls`` is a ``(certificate, key)`` pair of PEM files.
+    ``tls`` is a ``(certificate, key)`` pair of PEM files; ``listener`` is
+    ``--tcp`` or ``--udp``.
     """
     argv = [sys.executable, "-m", "trioserve", "serve", f"counting_handlers:{handler}"]
-    argv += ["--tcp", "127.0.0.1:0"]
+    argv += [listener, "127.0.0.1:0"]
     if tls is not None:
         argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     if workers is not None:

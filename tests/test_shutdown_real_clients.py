@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import real_clients
 import trustme
 from real_clients import (
     CLIENTS,
@@ -210,3 +213,55 @@ def test_redis_benchmark_sees_no_reset(pipeline: int) -> None:
     # At the end, redis-benchmark reports how the connection ended:
     # "Server closed the connection" is a clean end.
     assert "reset" not in output.lower(), output[-2000:]
+
+
+# -- datagrams -----------------------------------------------------------------
+
+
+def test_datagrams_in_flight_at_sigterm_all_get_their_reply() -> None:
+    """UDP clients ping-pong; SIGTERM comes with a datagram in flight for each.
+
+    A datagram server replies on the socket it listens on, so closing that
+    socket at the signal (as stream servers close their listeners) would
+    lose every reply still being worked on. Each client stops sending when
+    the signal is sent and must then get the reply to its last datagram.
+    """
+    clients = 20
+    stop = threading.Event()
+    counts = [[0, 0] for _ in range(clients)]  # sent, answered
+    errors: list[BaseException] = []
+
+    def client(number: int, address: tuple[str, int]) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(real_clients.IO_TIMEOUT)
+            sock.connect(address)
+            try:
+                while not stop.is_set():
+                    payload = b"%d %d" % (number, counts[number][0])
+                    sock.send(payload)
+                    counts[number][0] += 1
+                    if sock.recv(100) == payload:
+                        counts[number][1] += 1
+            except OSError as exc:
+                errors.append(exc)
+
+    with real_clients.serving("SlowDatagramEcho", listener="--udp") as server:
+        threads = [
+            threading.Thread(target=client, args=(n, server.address), daemon=True)
+            for n in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + real_clients.IO_TIMEOUT
+        while any(answered < 2 for _, answered in counts):
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.01)
+        stop.set()
+        status = server.terminate()
+        for thread in threads:
+            thread.join(real_clients.IO_TIMEOUT)
+        written = server.replies_written()
+    assert status == 0, server.stderr.join()
+    assert errors == []
+    assert [sent - answered for sent, answered in counts] == [0] * clients
+    assert written == sum(answered for _, answered in counts)

@@ -597,6 +597,10 @@ class BaseServer:
             _ENCLOSING_SERVERS.reset(enclosing)
             if serving is not None and serving.cut_off:
                 _report_cut_off(serving.cut_off)
+            self._serving_ended()
+
+    def _serving_ended(self) -> None:
+        """Called as ``serve_forever`` or ``handle_request`` returns; nothing here."""
 
     async def _run_service_actions(self, poll_interval: float) -> None:
         while True:

@@ -532,10 +532,22 @@ class TCPServer(BaseServer):
         retries elsewhere, or a served one.
         """
         self._binding = "closed"
-        listeners = [sock for sock in [self._socket, *self._extra_sockets] if sock]
+        listeners = self._open_listeners()
         backlog = self._take_backlog(listeners)
         # No checkpoint since the backlog was emptied, so no connection can
         # have slipped in to be reset by the close.
+        self._close_listeners(listeners)
+        for request, client_address in backlog:
+            # Handled in the serving nursery, never here: closing awaits no
+            # user code, and these requests get the shutdown's grace period.
+            self._hand_over(request, client_address)
+        await trio.lowlevel.checkpoint()
+
+    def _open_listeners(self) -> list[trio.socket.SocketType]:
+        return [sock for sock in [self._socket, *self._extra_sockets] if sock]
+
+    def _close_listeners(self, listeners: list[trio.socket.SocketType]) -> None:
+        """Close the listening sockets; remove the socket files they made."""
         for sock in listeners:
             sock.close()
         socket_files, self._socket_files = self._socket_files, []
@@ -544,25 +556,19 @@ class TCPServer(BaseServer):
                 info = os.stat(path)
                 if (info.st_dev, info.st_ino) == (device, inode):
                     os.unlink(path)
-        for connection, client_address in backlog:
-            request = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
-            # Handled in the serving nursery, never here: closing awaits no
-            # user code, and these requests get the shutdown's grace period.
-            self._hand_over(request, client_address)
-        await trio.lowlevel.checkpoint()
 
     def _take_backlog(
         self, listeners: list[trio.socket.SocketType]
-    ) -> list[tuple[stdlib_socket.socket, Any]]:
-        """Accept, without waiting, what the listeners' backlogs hold.
+    ) -> list[tuple[Any, Any]]:
+        """Take, without waiting, the requests that wait on the listeners.
 
         Only while serving (there is a nursery to handle them in), and only
         as many as free ``max_concurrent_requests`` slots: the rest would
-        have waited in the backlog anyway.
+        have waited anyway. Each is a ``(request, client_address)`` pair.
         """
         serving = self._serving
-        taken: list[tuple[stdlib_socket.socket, Any]] = []
-        if serving is None or self.socket_type != stdlib_socket.SOCK_STREAM:
+        taken: list[tuple[Any, Any]] = []
+        if serving is None:
             return taken
         for listener in listeners:
             sock = stdlib_socket_of(listener)
@@ -572,13 +578,24 @@ class TCPServer(BaseServer):
                         serving.slots.acquire_nowait()
                     except trio.WouldBlock:
                         return taken
-                try:
-                    taken.append(sock.accept())
-                except OSError:
-                    # Empty (EAGAIN), or a connection that died waiting.
+                waiting = self._take_waiting(listener, sock)
+                if waiting is None:
                     serving.release_slot()
                     break
+                taken.append(waiting)
         return taken
+
+    def _take_waiting(
+        self, listener: trio.socket.SocketType, sock: stdlib_socket.socket
+    ) -> tuple[Any, Any] | None:
+        """The next connection in ``sock``'s backlog, without waiting; or None."""
+        try:
+            connection, client_address = sock.accept()
+        except OSError:
+            # Empty (EAGAIN), or a connection that died waiting.
+            return None
+        request = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+        return request, client_address
 
     def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
         if not self._extra_sockets:
@@ -816,6 +833,46 @@ class UDPServer(TCPServer):
             )
             if len(data) <= self.max_packet_size:
                 return (data, sock), client_address
+            self._drop_oversized(client_address)
+
+    async def server_close(self) -> None:
+        """Close the socket; while serving, once the requests in flight are done.
+
+        Idempotent. A datagram server replies on the socket it receives on,
+        so closing it while :meth:`serve_forever` runs stops receiving at
+        once and begins the shutdown, but the socket itself closes when
+        serving has ended: the requests in flight still get to send their
+        replies, within the grace period. Datagrams already in the socket's
+        buffer are taken first and handled like them, as far as
+        ``max_concurrent_requests`` allows, instead of being dropped.
+        """
+        serving = self._serving
+        if serving is None or self._binding == "closed":
+            await super().server_close()
+            return
+        self._binding = "closed"
+        for request, client_address in self._take_backlog(self._open_listeners()):
+            self._hand_over(request, client_address)
+        if not self._shutdown_signal.started:
+            self._begin_shutdown(serving, self.shutdown_timeout)
+        await trio.lowlevel.checkpoint()
+
+    def _serving_ended(self) -> None:
+        # The close that server_close put off until the last reply.
+        if self._binding == "closed":
+            self._close_listeners(self._open_listeners())
+
+    def _take_waiting(
+        self, listener: trio.socket.SocketType, sock: stdlib_socket.socket
+    ) -> tuple[Any, Any] | None:
+        """The next datagram in ``sock``'s buffer, without waiting; or None."""
+        while True:
+            try:
+                data, client_address = sock.recvfrom(self.max_packet_size + 1)
+            except OSError:
+                return None
+            if len(data) <= self.max_packet_size:
+                return (data, listener), client_address
             self._drop_oversized(client_address)
 
     def _drop_oversized(self, client_address: Any) -> None:
