@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -425,3 +426,51 @@ def test_units_pass_systemd_analyze_verify(units: list[Path], tmp_path: Path) ->
     ]
     assert result.returncode == 0, result.stdout + result.stderr
     assert not complaints, complaints
+
+
+# -- README.md ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def connect_when_serving(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A connection to 127.0.0.1:port, retried until the server listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # another process: nothing to wait on but time
+
+
+def test_readme_first_example_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    # The first thing a user pastes: run it, talk to it, press Ctrl-C.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"^```python\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+    assert code, "README.md has no python code block"
+    assert '("127.0.0.1", 9000)' in code[1]
+    port = free_port()
+    script = tmp_path / "first.py"
+    script.write_text(code[1].replace('("127.0.0.1", 9000)', f'("127.0.0.1", {port})'))
+    argv = [sys.executable, "-W", "error::ResourceWarning", str(script)]
+    with running(EchoCLI, argv) as example:
+        with connect_when_serving(port) as client:
+            client.sendall(b"pasted\n")
+            assert client.recv(100) == b"pasted\n"
+        started = time.monotonic()
+        rc, stdout, stderr = example.stop(signal.SIGINT)
+        elapsed = time.monotonic() - started
+    assert elapsed < PROMPT_EXIT, elapsed
+    assert rc == 0, stderr
+    assert "ExceptionGroup" not in stderr, stderr
+    assert_clean(stderr)
+    assert stderr.splitlines() == [
+        "SIGINT: shutting down; 0 requests in flight get up to 5.0 s"
+    ], stderr
