@@ -465,7 +465,7 @@ def test_readme_first_example_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             client.sendall(b"pasted\n")
             assert client.recv(100) == b"pasted\n"
         started = time.monotonic()
-        rc, stdout, stderr = example.stop(signal.SIGINT)
+        rc, _, stderr = example.stop(signal.SIGINT)
         elapsed = time.monotonic() - started
     assert elapsed < PROMPT_EXIT, elapsed
     assert rc == 0, stderr

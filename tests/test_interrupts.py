@@ -9,6 +9,7 @@ example, in a real process.)
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -16,6 +17,9 @@ import trio
 import trio.testing
 
 import trioserve
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
