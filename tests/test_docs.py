@@ -474,3 +474,33 @@ def test_readme_first_example_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert stderr.splitlines() == [
         "SIGINT: shutting down; 0 requests in flight get up to 5.0 s"
     ], stderr
+
+
+def test_install_instructions_work_without_pypi() -> None:
+    # trioserve is not published: "pip install trioserve" would fail (or,
+    # worse, install someone else's package). The docs say how to install
+    # from a checkout or a built wheel instead.
+    from_pypi = re.compile(r"pip install trioserve(?![\w.*-])")
+    pages = [*doc_pages(), REPO / "README.md"]
+    offenders = [
+        page.name for page in pages if from_pypi.search(page.read_text("utf-8"))
+    ]
+    assert not offenders, offenders
+    index = " ".join((DOCS / "index.rst").read_text(encoding="utf-8").split())
+    for way in ("pip install -e .", "pip install /path/to/trioserve", ".whl"):
+        assert way in index, way
+
+
+def test_docs_state_the_command_lines_timeouts_and_how_timeouts_are_logged() -> None:
+    from trioserve._cli import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT
+
+    for name in ("production.rst", "timeouts.rst", "deploying.rst"):
+        text = " ".join((DOCS / name).read_text(encoding="utf-8").split())
+        assert f"--idle-timeout {DEFAULT_IDLE_TIMEOUT:g}" in text, name
+        assert f"--timeout {DEFAULT_TIMEOUT:g}" in text, name
+    # handle_error logs a TimeoutError in one INFO line (its docstring, and
+    # test_server.py, say so); the page on deadlines must agree.
+    production = " ".join((DOCS / "production.rst").read_text("utf-8").split())
+    said = production.partition("A :exc:`TimeoutError` that escapes the handler")[2]
+    said = said[:300]  # the sentence that follows
+    assert "in one line without a traceback, at INFO level" in said, said
