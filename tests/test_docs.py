@@ -504,3 +504,61 @@ def test_docs_state_the_command_lines_timeouts_and_how_timeouts_are_logged() -> 
     said = production.partition("A :exc:`TimeoutError` that escapes the handler")[2]
     said = said[:300]  # the sentence that follows
     assert "in one line without a traceback, at INFO level" in said, said
+
+
+# The script a page runs in a headless browser: every code block and table
+# that reaches past the right edge of the text column, as "TAG WIDTH".
+MEASURE_OVERFLOW = """
+<script>
+const column = document.querySelector("div.body").getBoundingClientRect();
+const wide = [...document.querySelectorAll("div.body pre, div.body table")]
+  .filter(e => e.getBoundingClientRect().right > column.right + 1)
+  .map(e => e.tagName + " " + Math.round(e.getBoundingClientRect().width));
+document.body.setAttribute("data-overflow", JSON.stringify(wide));
+</script>
+"""
+
+
+def test_code_and_tables_stay_inside_the_text_column(tmp_path: Path) -> None:
+    # At 1200 px wide a long code line must scroll inside the column, and a
+    # table with long literals must wrap them, not run past the column.
+    pytest.importorskip("sphinx")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("needs chromium")
+    html = tmp_path / "html"
+    build = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-W", "-b", "html", DOCS, html],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert build.returncode == 0, build.stderr
+    for page in ("tutorial", "timeouts", "socketserver", "deploying"):
+        measured = tmp_path / f"{page}.html"
+        text = (html / f"{page}.html").read_text(encoding="utf-8")
+        measured.write_text(text.replace("</body>", MEASURE_OVERFLOW + "</body>"))
+        (tmp_path / "_static").mkdir(exist_ok=True)
+        shutil.copytree(html / "_static", tmp_path / "_static", dirs_exist_ok=True)
+        dom = subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--window-size=1200,900",
+                "--dump-dom",
+                measured.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        found = re.search(r'data-overflow="([^"]*)"', dom)
+        assert found, f"{page}: the measuring script did not run"
+        assert json.loads(found[1].replace("&quot;", '"')) == [], page
