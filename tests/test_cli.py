@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import pytest
 
 import trioserve
+from trioserve._cli import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, parse_host_port
 
 # How long to wait for the service to start, reply, or exit. Generous: these
 # bound hangs, they are not what a passing test waits for.
@@ -367,25 +368,64 @@ def test_second_signal_cancels_busy_requests_and_exits_1() -> None:
 
 
 @pytest.mark.parametrize(
-    ("option", "value"),
+    ("option", "value", "why"),
     [
-        ("--tcp", "nonsense"),
-        ("--tcp", "127.0.0.1:99999"),
-        ("--tcp", "127.0.0.1:http"),
-        ("--tcp", ":8080"),
-        ("--udp", "nonsense"),
+        ("--tcp", "nonsense", "is not HOST:PORT"),
+        ("--tcp", "127.0.0.1:99999", "port must be 0 to 65535"),
+        ("--tcp", "127.0.0.1:http", "the port 'http' is not a number"),
+        ("--tcp", "127.0.0.1:abc", "the port 'abc' is not a number"),
+        ("--tcp", "127.0.0.1:-1", "the port '-1' is not a number"),
+        ("--tcp", "999.1.1.1:80", "'999.1.1.1' is not a valid IPv4 address"),
+        ("--tcp", "1.2.3:80", "'1.2.3' is not a valid IPv4 address"),
+        ("--tcp", "[::zz]:80", "'::zz' is not a valid IPv6 address"),
+        ("--tcp", "bad host:80", "'bad host' is not a valid host name or IP"),
+        ("--tcp", "-x.example:80", "'-x.example' is not a valid host name or IP"),
+        ("--udp", "nonsense", "is not HOST:PORT"),
     ],
 )
-def test_bad_address_exits_2_with_one_error_line(option: str, value: str) -> None:
+def test_bad_address_exits_2_with_one_error_line(
+    option: str, value: str, why: str
+) -> None:
     with run_echo(f"{option}={value}") as cli:
         rc, stdout, stderr = cli.finish()
     assert rc == 2, stderr
     assert stdout == ""
     assert_clean(stderr)
-    errors = [line for line in stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1, stderr
-    assert option in errors[0]
-    assert repr(value) in errors[0]
+    # The error first, then where to look; not a screenful of usage.
+    error, hint = stderr.splitlines()
+    assert error.startswith(f"trioserve echo: error: argument {option}: "), stderr
+    assert repr(value) in error
+    assert why in error
+    assert hint == "(run 'trioserve echo --help' for the options)"
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        ("[::1]:0", ("::1", 0)),
+        ("::1:9999", ("::1", 9999)),
+        ("localhost:9999", ("localhost", 9999)),
+        ("my-host.example.:443", ("my-host.example.", 443)),
+        ("10.0.0.1:65535", ("10.0.0.1", 65535)),
+        # An empty host is every interface.
+        (":9999", ("", 9999)),
+        ("[]:9999", ("", 9999)),
+    ],
+)
+def test_good_addresses_parse(text: str, address: tuple[str, int]) -> None:
+    assert parse_host_port(text) == address
+
+
+def test_an_unknown_option_is_one_line_and_a_hint() -> None:
+    with run_echo("--no-such-option") as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 2
+    assert stdout == ""
+    assert stderr.splitlines() == [
+        "trioserve: error: unrecognized arguments: --no-such-option",
+        "(run 'trioserve --help' for the options)",
+    ]
 
 
 def test_address_in_use_exits_2_with_message() -> None:
@@ -446,6 +486,14 @@ def test_echo_help_exits_0() -> None:
     assert "--tcp" in stdout
     assert "--udp" in stdout
     assert stderr == ""
+    help_text = " ".join(stdout.split())  # argparse wraps lines anywhere
+    assert ":PORT for all interfaces" in help_text
+    # The timeouts a deployment runs with unless told otherwise.
+    assert f"(default {DEFAULT_TIMEOUT:g}, or the handler class's own" in help_text
+    assert f"(default {DEFAULT_IDLE_TIMEOUT:g}; 'off' for none)" in help_text
+    assert "--max-concurrent N" in help_text
+    assert "--max-requests" not in help_text  # the old name, hidden
+    assert "3 if the handler's module raised an exception" in help_text
 
 
 def test_no_command_exits_2() -> None:
@@ -453,5 +501,7 @@ def test_no_command_exits_2() -> None:
         rc, stdout, stderr = cli.finish()
     assert rc == 2
     assert stdout == ""
-    assert "usage:" in stderr
-    assert "Traceback" not in stderr
+    assert stderr.splitlines() == [
+        "trioserve: error: the following arguments are required: COMMAND",
+        "(run 'trioserve --help' for the options)",
+    ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import textwrap
 import time
@@ -13,7 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli import IO_TIMEOUT, assert_clean, run_echo, tcp_echo
+from cryptography.hazmat.primitives import serialization
+from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo, running, tcp_echo
+
+from trioserve._cli import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    _build_parser,
+    _servers_for,
+)
 
 HANDLERS = """
 import trioserve
@@ -30,8 +40,39 @@ class UpperDatagram(trioserve.DatagramRequestHandler):
         await self.wfile.write((await self.rfile.read()).upper())
 
 
+class Silent(trioserve.StreamRequestHandler):
+    pass  # handle() is the base class's, which does nothing
+
+
+class OwnTimeout(trioserve.StreamRequestHandler):
+    timeout = 7.0
+
+    async def handle(self):
+        pass
+
+
 NOT_A_CLASS = 42
 """
+
+# Modules that fail to import, each the user's bug: (name, source, the
+# line the traceback must show, the exception's last line).
+BROKEN_MODULES = {
+    "raises": (
+        'import trioserve\n\nraise RuntimeError("boom at import")\n',
+        'raises.py", line 3, in <module>',
+        "RuntimeError: boom at import",
+    ),
+    "bad_syntax": (
+        "def broken(:\n    pass\n",
+        'bad_syntax.py", line 1',
+        "SyntaxError: invalid syntax",
+    ),
+    "needs_missing": (
+        "import a_dependency_not_installed\n",
+        'needs_missing.py", line 1, in <module>',
+        "ModuleNotFoundError: No module named 'a_dependency_not_installed'",
+    ),
+}
 
 
 @pytest.fixture
@@ -39,6 +80,8 @@ def workdir() -> Iterator[Path]:
     # Short, so Unix socket paths stay under the 108-byte limit.
     path = Path(tempfile.mkdtemp(dir="/tmp", prefix="tsc"))
     (path / "my_handlers.py").write_text(textwrap.dedent(HANDLERS))
+    for name, (source, _, _) in BROKEN_MODULES.items():
+        (path / f"{name}.py").write_text(source)
     yield path
     shutil.rmtree(path)
 
@@ -97,6 +140,9 @@ def test_serve_runs_a_user_datagram_handler(workdir: Path) -> None:
         ("my_handlers", [], "not package.module:ClassName"),
         ("my_handlers:Upper", ["--udp", "127.0.0.1:0"], "--udp needs a Datagram"),
         ("my_handlers:UpperDatagram", ["--tcp", "127.0.0.1:0"], "--tcp needs a Stream"),
+        ("my_handlers:Silent", [], "does not override handle()"),
+        ("trioserve:BaseRequestHandler", [], "does not override handle()"),
+        ("trioserve:StreamRequestHandler", [], "does not override handle()"),
     ],
 )
 def test_serve_refuses_bad_handlers_in_one_line(
@@ -174,8 +220,10 @@ def test_idle_timeout_option_closes_silent_connections() -> None:
     assert "request timed out from" in stderr
 
 
-def test_max_requests_option_bounds_concurrency() -> None:
-    with run_echo("--tcp", "127.0.0.1:0", "--max-requests", "1") as cli:
+@pytest.mark.parametrize("option", ["--max-concurrent", "--max-requests"])
+def test_max_concurrent_option_bounds_concurrency(option: str) -> None:
+    # --max-requests is the old name, kept working.
+    with run_echo("--tcp", "127.0.0.1:0", option, "1") as cli:
         [(_, host, port)] = cli.listeners(1)
         first = socket.create_connection((host, port), timeout=IO_TIMEOUT)
         with first, socket.create_connection((host, port), timeout=0.5) as second:
@@ -232,3 +280,203 @@ def test_serve_help_exits_0() -> None:
         rc, stdout, _ = cli.finish()
     assert rc == 0
     assert "package.module:ClassName" in stdout
+
+
+# -- the handler's module fails to import ------------------------------------
+
+
+@pytest.mark.parametrize("module", sorted(BROKEN_MODULES))
+def test_a_module_that_fails_to_import_shows_its_traceback_and_exits_3(
+    workdir: Path, module: str
+) -> None:
+    _, where, last = BROKEN_MODULES[module]
+    with run_echo(f"{module}:Handler", command="serve", cwd=str(workdir)) as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 3, stderr
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert lines[0] == f"trioserve: error: importing {module!r} failed:", stderr
+    assert where in stderr
+    assert lines[-1] == last
+    # The user's frames, not ours or importlib's.
+    assert "importlib" not in stderr, stderr
+    assert "_cli.py" not in stderr, stderr
+
+
+# -- TLS files ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pem_files() -> Iterator[Path]:
+    trustme = pytest.importorskip("trustme")
+    path = Path(tempfile.mkdtemp(prefix="tsc-tls"))
+    ca = trustme.CA()
+    cert, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.2")
+    cert.cert_chain_pems[0].write_to_path(str(path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(path / "key.pem"))
+    other.private_key_pem.write_to_path(str(path / "other-key.pem"))
+    (path / "text.pem").write_text("not a certificate\n")
+    encrypted = serialization.load_pem_private_key(
+        cert.private_key_pem.bytes(), password=None
+    ).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    (path / "encrypted-key.pem").write_bytes(encrypted)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "message"),
+    [
+        (
+            "missing.pem",
+            None,
+            "cannot read {dir}/missing.pem (--tls-cert): No such file or directory",
+        ),
+        (
+            "cert.pem",
+            "missing.pem",
+            "cannot read {dir}/missing.pem (--tls-key): No such file or directory",
+        ),
+        (".", None, "cannot read {dir}/. (--tls-cert): Is a directory"),
+        (
+            "cert.pem",
+            None,
+            "{dir}/cert.pem (--tls-cert) holds no private key; give it with --tls-key",
+        ),
+        (
+            "text.pem",
+            "key.pem",
+            "{dir}/text.pem (--tls-cert) holds no valid PEM certificate",
+        ),
+        (
+            "key.pem",
+            "cert.pem",
+            "{dir}/key.pem (--tls-cert) holds no valid PEM certificate",
+        ),
+        ("cert.pem", "text.pem", "{dir}/text.pem (--tls-key) holds no PEM private key"),
+        (
+            "cert.pem",
+            "other-key.pem",
+            "the private key in {dir}/other-key.pem (--tls-key) does not match "
+            "the certificate in {dir}/cert.pem (--tls-cert)",
+        ),
+        (
+            "cert.pem",
+            "encrypted-key.pem",
+            "the private key in {dir}/encrypted-key.pem (--tls-key) is encrypted",
+        ),
+    ],
+)
+def test_tls_file_errors_name_the_file_and_the_fault(
+    pem_files: Path, cert: str, key: str | None, message: str
+) -> None:
+    options = ["--tls-cert", f"{pem_files}/{cert}"]
+    if key is not None:
+        options += ["--tls-key", f"{pem_files}/{key}"]
+    with run_echo("--tcp", "127.0.0.1:0", *options) as cli:
+        rc, stdout, stderr = cli.finish()
+    assert rc == 2, stderr
+    assert stdout == ""
+    assert_clean(stderr)
+    [line] = stderr.splitlines()
+    assert line.startswith("trioserve: error: cannot load the TLS certificate: ")
+    assert message.format(dir=pem_files) in line
+    assert "PEM lib" not in line
+
+
+# -- the command line's default timeouts --------------------------------------
+
+
+def test_default_timeouts_and_off(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert DEFAULT_IDLE_TIMEOUT < DEFAULT_TIMEOUT  # silent clients go quietly
+    parser = _build_parser()
+    cases = [
+        (["echo"], DEFAULT_TIMEOUT, DEFAULT_IDLE_TIMEOUT),
+        (["echo", "--timeout", "3", "--idle-timeout", "2"], 3.0, 2.0),
+        (["echo", "--timeout", "off", "--idle-timeout", "off"], None, None),
+        # A handler class's own timeout beats the command line's default...
+        (["serve", "my_handlers:OwnTimeout"], 7.0, DEFAULT_IDLE_TIMEOUT),
+        # ...but not an option given.
+        (["serve", "my_handlers:OwnTimeout", "--timeout", "off"], None, 60.0),
+    ]
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    for argv, timeout, idle_timeout in cases:
+        [server] = _servers_for(parser.parse_args([*argv, "--tcp", ":0"]))
+        assert server.RequestHandlerClass.timeout == timeout, argv
+        assert server.idle_timeout == idle_timeout, argv
+        assert server.request_timeout is None, argv
+
+
+def run_with_short_defaults(
+    *args: str, cwd: Path
+) -> contextlib.AbstractContextManager[EchoCLI]:
+    """The command line with its default timeouts made short enough to test."""
+    code = (
+        "import sys, trioserve._cli as cli; "
+        "cli.DEFAULT_TIMEOUT = 0.6; cli.DEFAULT_IDLE_TIMEOUT = 0.3; "
+        "sys.exit(cli.main())"
+    )
+    argv = [sys.executable, "-W", "error::ResourceWarning", "-c", code, *args]
+    return running(EchoCLI, argv, cwd=str(cwd))
+
+
+def test_default_idle_timeout_cuts_off_a_client_trickling_bytes(
+    workdir: Path,
+) -> None:
+    # Slowloris: a byte every 50 ms, never a whole line. Every read makes
+    # progress, so the handler's timeout alone would never end it.
+    argv = ["serve", "my_handlers:Upper", "--tcp", "127.0.0.1:0"]
+    with run_with_short_defaults(*argv, cwd=workdir) as cli:
+        [(_, host, port)] = cli.listeners(1)
+        with socket.create_connection((host, port), timeout=IO_TIMEOUT) as client:
+            client.settimeout(0.05)  # the pace of the trickle
+            started = time.monotonic()
+            while time.monotonic() - started < IO_TIMEOUT:
+                try:
+                    client.sendall(b"x")
+                    if client.recv(100) == b"":
+                        break
+                except TimeoutError:
+                    continue
+                except ConnectionError:
+                    break
+            else:
+                pytest.fail("a client trickling bytes was never cut off")
+        cli.stderr.wait_for("message not complete within idle_timeout (0.3 s)")
+        rc, _, stderr = cli.stop(signal.SIGTERM)
+    assert rc == 0, stderr
+    assert_clean(stderr)
+
+
+def test_default_timeout_cuts_off_a_client_that_does_not_read() -> None:
+    # It sends and never reads, so the echo's write back stalls. It delivers
+    # its messages promptly, so the idle timeout alone would never end it.
+    with run_with_short_defaults("echo", "--tcp", "127.0.0.1:0", cwd=Path()) as cli:
+        [(_, host, port)] = cli.listeners(1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(IO_TIMEOUT)
+            client.connect((host, port))
+            client.setblocking(False)
+            chunk = b"x" * 65536
+            sent = 0
+            deadline = time.monotonic() + IO_TIMEOUT
+            while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
+                try:
+                    sent += client.send(chunk)
+                except BlockingIOError:
+                    break  # the server stopped reading: its write is stuck
+                except ConnectionError:
+                    break
+            line = cli.stderr.wait_for("request timed out from", timeout=IO_TIMEOUT)
+        rc, _, stderr = cli.stop(signal.SIGTERM)
+    assert "idle_timeout" not in line, line
+    assert rc == 0, stderr
+    assert_clean(stderr)

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -425,3 +426,139 @@ def test_units_pass_systemd_analyze_verify(units: list[Path], tmp_path: Path) ->
     ]
     assert result.returncode == 0, result.stdout + result.stderr
     assert not complaints, complaints
+
+
+# -- README.md ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def connect_when_serving(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A connection to 127.0.0.1:port, retried until the server listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # another process: nothing to wait on but time
+
+
+def test_readme_first_example_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    # The first thing a user pastes: run it, talk to it, press Ctrl-C.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"^```python\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+    assert code, "README.md has no python code block"
+    assert '("127.0.0.1", 9000)' in code[1]
+    port = free_port()
+    script = tmp_path / "first.py"
+    script.write_text(code[1].replace('("127.0.0.1", 9000)', f'("127.0.0.1", {port})'))
+    argv = [sys.executable, "-W", "error::ResourceWarning", str(script)]
+    with running(EchoCLI, argv) as example:
+        with connect_when_serving(port) as client:
+            client.sendall(b"pasted\n")
+            assert client.recv(100) == b"pasted\n"
+        started = time.monotonic()
+        rc, _, stderr = example.stop(signal.SIGINT)
+        elapsed = time.monotonic() - started
+    assert elapsed < PROMPT_EXIT, elapsed
+    assert rc == 0, stderr
+    assert "ExceptionGroup" not in stderr, stderr
+    assert_clean(stderr)
+    assert stderr.splitlines() == [
+        "SIGINT: shutting down; 0 requests in flight get up to 5.0 s"
+    ], stderr
+
+
+def test_install_instructions_work_without_pypi() -> None:
+    # trioserve is not published: "pip install trioserve" would fail (or,
+    # worse, install someone else's package). The docs say how to install
+    # from a checkout or a built wheel instead.
+    from_pypi = re.compile(r"pip install trioserve(?![\w.*-])")
+    pages = [*doc_pages(), REPO / "README.md"]
+    offenders = [
+        page.name for page in pages if from_pypi.search(page.read_text("utf-8"))
+    ]
+    assert not offenders, offenders
+    index = " ".join((DOCS / "index.rst").read_text(encoding="utf-8").split())
+    for way in ("pip install -e .", "pip install /path/to/trioserve", ".whl"):
+        assert way in index, way
+
+
+def test_docs_state_the_command_lines_timeouts_and_how_timeouts_are_logged() -> None:
+    from trioserve._cli import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT
+
+    for name in ("production.rst", "timeouts.rst", "deploying.rst"):
+        text = " ".join((DOCS / name).read_text(encoding="utf-8").split())
+        assert f"--idle-timeout {DEFAULT_IDLE_TIMEOUT:g}" in text, name
+        assert f"--timeout {DEFAULT_TIMEOUT:g}" in text, name
+    # handle_error logs a TimeoutError in one INFO line (its docstring, and
+    # test_server.py, say so); the page on deadlines must agree.
+    production = " ".join((DOCS / "production.rst").read_text("utf-8").split())
+    said = production.partition("A :exc:`TimeoutError` that escapes the handler")[2]
+    said = said[:300]  # the sentence that follows
+    assert "in one line without a traceback, at INFO level" in said, said
+
+
+# The script a page runs in a headless browser: every code block and table
+# that reaches past the right edge of the text column, as "TAG WIDTH".
+MEASURE_OVERFLOW = """
+<script>
+const column = document.querySelector("div.body").getBoundingClientRect();
+const wide = [...document.querySelectorAll("div.body pre, div.body table")]
+  .filter(e => e.getBoundingClientRect().right > column.right + 1)
+  .map(e => e.tagName + " " + Math.round(e.getBoundingClientRect().width));
+document.body.setAttribute("data-overflow", JSON.stringify(wide));
+</script>
+"""
+
+
+def test_code_and_tables_stay_inside_the_text_column(tmp_path: Path) -> None:
+    # At 1200 px wide a long code line must scroll inside the column, and a
+    # table with long literals must wrap them, not run past the column.
+    pytest.importorskip("sphinx")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("needs chromium")
+    html = tmp_path / "html"
+    build = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-W", "-b", "html", DOCS, html],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert build.returncode == 0, build.stderr
+    for page in ("tutorial", "timeouts", "socketserver", "deploying"):
+        measured = tmp_path / f"{page}.html"
+        text = (html / f"{page}.html").read_text(encoding="utf-8")
+        measured.write_text(text.replace("</body>", MEASURE_OVERFLOW + "</body>"))
+        (tmp_path / "_static").mkdir(exist_ok=True)
+        shutil.copytree(html / "_static", tmp_path / "_static", dirs_exist_ok=True)
+        dom = subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--window-size=1200,900",
+                "--dump-dom",
+                measured.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        found = re.search(r'data-overflow="([^"]*)"', dom)
+        assert found, f"{page}: the measuring script did not run"
+        assert json.loads(found[1].replace("&quot;", '"')) == [], page

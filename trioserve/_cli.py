@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import socket
 import ssl
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import trio
 
@@ -35,6 +39,21 @@ GC_YOUNG_THRESHOLD = 50_000
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
+
+# The command line's timeouts (the library's are None: no limit). Between
+# them they cut off both slow attacks without cutting off a slow but honest
+# client: the idle timeout bounds how long a client may take to send its next
+# message (a client trickling one byte a second is cut off), and the
+# handler's timeout how long one read or write may make no progress (a client
+# that stops reading its replies is cut off). The idle timeout is the shorter,
+# so that a client that merely goes quiet is let go without an error.
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = 120.0
+
+# Exit statuses (main's docstring and docs/deploying.rst list them).
+EXIT_FORCED = 1
+EXIT_USAGE = 2
+EXIT_IMPORT_FAILED = 3
 
 # The listener options of each kind. Stream listeners take stream handlers,
 # datagram listeners datagram handlers; each kind makes one server, so its
@@ -59,17 +78,83 @@ class UsageError(Exception):
     """A mistake on the command line, reported as one line and exit status 2."""
 
 
+class HandlerImportError(Exception):
+    """The handler's module raised while it was imported: the user's bug."""
+
+    def __init__(self, module_name: str, error: BaseException) -> None:
+        super().__init__(module_name, error)
+        self.module_name = module_name
+        self.error = error
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a mistake in one line, with a pointer to ``--help``.
+
+    argparse's own ``error`` prints the whole usage first, which pushes the
+    one line that matters below a screenful of options.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE,
+            f"{self.prog}: error: {message}\n"
+            f"(run '{self.prog} --help' for the options)\n",
+        )
+
+
+# A host name as RFC 1123 allows it: dot-separated labels of letters, digits
+# and hyphens (underscores too, which some resolvers accept).
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _check_host(host: str, text: str) -> None:
+    """Refuse a host that cannot be an IP address or a host name.
+
+    Checks the spelling only: looking a name up would need DNS, which may be
+    down (or not yet up) while the command line is read.
+    """
+    if host == "":
+        return  # every interface
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {host!r} is not a valid IPv6 address"
+            ) from None
+        return
+    if re.fullmatch(r"[0-9.]+", host):
+        # All digits and dots: no host name looks like that.
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {host!r} is not a valid IPv4 address"
+            ) from None
+        return
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {host!r} is not a valid host name or IP address"
+        )
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a ``(host, port)`` pair."""
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a ``(host, port)`` pair.
+
+    An empty host (``:9999``) is every interface.
+    """
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
+    if not sep:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
+    _check_host(host, text)
+    if not port_text.isdigit():  # isdigit: no sign, no spaces
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the port {port_text!r} is not a number"
+        )
+    port = int(port_text)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: port must be 0 to 65535")
     return host, port
@@ -83,6 +168,18 @@ def _positive_float(text: str) -> float:
     if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
     return value
+
+
+def _seconds_or_off(text: str) -> float:
+    """A number of seconds, or ``off`` (as infinity) for no limit."""
+    return math.inf if text == "off" else _positive_float(text)
+
+
+def _timeout_setting(value: float | None, default: float | None) -> float | None:
+    """A timeout option's value: ``default`` if not given, None if ``off``."""
+    if value is None:
+        return default
+    return None if value == math.inf else value
 
 
 def _positive_int(text: str) -> int:
@@ -118,7 +215,8 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         type=parse_host_port,
         metavar="HOST:PORT",
-        help="TCP; port 0 picks a free port",
+        help="TCP; [::1]:PORT for IPv6, :PORT for all interfaces, port 0 "
+        "for a free port",
     )
     listeners.add_argument(
         "--udp",
@@ -126,7 +224,7 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         type=parse_host_port,
         metavar="HOST:PORT",
-        help="UDP",
+        help="UDP, written as for --tcp",
     )
     listeners.add_argument(
         "--unix", action="append", default=[], metavar="PATH", help="Unix stream socket"
@@ -192,16 +290,27 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         f"connection waits for the client to close (default {BaseServer.drain_window})",
     )
     serving.add_argument(
-        "--max-requests",
+        "--max-concurrent",
         type=_positive_int,
         metavar="N",
-        help="handle at most N requests at once (default: no bound)",
+        help="handle at most N requests at once; at the bound, stop accepting "
+        "(default: no bound)",
+    )
+    # The old name, which read like gunicorn's "restart after N requests".
+    serving.add_argument(
+        "--max-requests",
+        dest="max_concurrent",
+        type=_positive_int,
+        help=argparse.SUPPRESS,
     )
     serving.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_seconds_or_off,
         metavar="SECONDS",
-        help="a read or write idle this long ends the request",
+        help="a read or write of a stream handler that makes no progress for "
+        "this long ends the request: cuts off a client that stops reading "
+        f"(default {DEFAULT_TIMEOUT:g}, or the handler class's own timeout; "
+        "'off' for none)",
     )
     serving.add_argument(
         "--max-per-peer",
@@ -211,15 +320,18 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     )
     serving.add_argument(
         "--request-timeout",
-        type=_positive_float,
+        type=_seconds_or_off,
         metavar="SECONDS",
-        help="a request that takes longer is cancelled",
+        help="a request (a whole connection, for a stream handler) that "
+        "takes longer is cancelled (default off)",
     )
     serving.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=_seconds_or_off,
         metavar="SECONDS",
-        help="a connection must deliver its next message within this time",
+        help="a connection must deliver its next whole message within this "
+        "time: cuts off a client that trickles bytes, and lets a silent one "
+        f"go (default {DEFAULT_IDLE_TIMEOUT:g}; 'off' for none)",
     )
     serving.add_argument(
         "--workers",
@@ -234,13 +346,21 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
+EXIT_STATUSES = (
+    "exit status: 0 after a graceful shutdown, 1 if a second signal forced "
+    "it, 2 for a mistake in the arguments or an address that cannot be served, "
+    "3 if the handler's module raised an exception while it was imported."
+)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="trioserve",
         description="Run socketserver-style services on Trio. Each listener's "
         "real address is printed as 'trioserve: serving KIND on ADDRESS'. The "
         "first SIGINT or SIGTERM shuts down gracefully, a second cancels what "
         "is still running; SIGHUP is ignored.",
+        epilog=EXIT_STATUSES,
     )
     parser.add_argument(
         "--version", action="version", version=f"trioserve {__version__}"
@@ -251,6 +371,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="serve echo (RFC 862) over TCP and UDP",
         description="Echo every byte back. With no listener options, serves TCP "
         f"and UDP on {DEFAULT_HOST}:{DEFAULT_PORT}; with some, only those.",
+        epilog=EXIT_STATUSES,
     )
     _add_serving_options(echo)
     serve = commands.add_parser(
@@ -261,14 +382,30 @@ def _build_parser() -> argparse.ArgumentParser:
         "StreamRequestHandler serves --tcp and --unix listeners, a "
         "DatagramRequestHandler --udp and --unix-dgram ones; with no listener "
         f"options, {DEFAULT_HOST}:{DEFAULT_PORT} over TCP or UDP accordingly.",
+        epilog=EXIT_STATUSES,
     )
     serve.add_argument("handler", metavar="HANDLER", help="package.module:ClassName")
     _add_serving_options(serve)
     return parser
 
 
+def _is_missing(module_name: str, error: ImportError) -> bool:
+    """Whether ``error`` says ``module_name`` (or a package of it) is absent.
+
+    Not an import that fails inside the module: that is the module's bug.
+    """
+    if not isinstance(error, ModuleNotFoundError) or error.name is None:
+        return False
+    return module_name == error.name or module_name.startswith(error.name + ".")
+
+
 def load_handler(spec: str) -> type[BaseRequestHandler]:
-    """Import ``package.module:ClassName`` and check it is a handler class."""
+    """Import ``package.module:ClassName`` and check it is a handler class.
+
+    Raises:
+      UsageError: ``spec`` names no module, or no handler class in it.
+      HandlerImportError: The module raised while it was imported.
+    """
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
         raise UsageError(f"handler {spec!r} is not package.module:ClassName")
@@ -278,14 +415,45 @@ def load_handler(spec: str) -> type[BaseRequestHandler]:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except (ImportError, SyncHookError) as exc:
+    except SyncHookError as exc:
+        raise UsageError(str(exc)) from None
+    except ImportError as exc:
+        if not _is_missing(module_name, exc):
+            raise HandlerImportError(module_name, exc) from None
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # SyntaxError too: whatever the module raised
+        raise HandlerImportError(module_name, exc) from None
     handler = getattr(module, class_name, None)
     if handler is None:
         raise UsageError(f"module {module_name!r} has no {class_name!r}")
     if not (isinstance(handler, type) and issubclass(handler, BaseRequestHandler)):
         raise UsageError(f"{spec!r} is not a trioserve request handler class")
+    if handler.handle is BaseRequestHandler.handle:
+        raise UsageError(
+            f"{spec!r} does not override handle(), so it would close every "
+            "connection at once"
+        )
     return handler
+
+
+def _print_import_failure(failure: HandlerImportError) -> None:
+    """The traceback of the user's module, without importlib's frames."""
+    error = failure.error
+    tb = error.__traceback__
+    # The frames before the module's own are ours and importlib's.
+    while tb is not None and not _in_users_code(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    print(
+        f"trioserve: error: importing {failure.module_name!r} failed:",
+        file=sys.stderr,
+    )
+    traceback.print_exception(type(error), error, tb, file=sys.stderr)
+
+
+def _in_users_code(filename: str) -> bool:
+    return filename not in (__file__, importlib.__file__) and not filename.startswith(
+        "<frozen importlib"
+    )
 
 
 def _server_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -293,16 +461,21 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     names = {
         "shutdown_timeout": "shutdown_timeout",
         "drain_window": "drain_window",
-        "max_requests": "max_concurrent_requests",
+        "max_concurrent": "max_concurrent_requests",
         "max_per_peer": "max_connections_per_peer",
-        "request_timeout": "request_timeout",
-        "idle_timeout": "idle_timeout",
     }
     options = {
         option: getattr(args, name)
         for name, option in names.items()
         if getattr(args, name) is not None
     }
+    timeouts = {
+        "request_timeout": _timeout_setting(args.request_timeout, None),
+        "idle_timeout": _timeout_setting(args.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+    }
+    options.update(
+        (name, value) for name, value in timeouts.items() if value is not None
+    )
     return options
 
 
@@ -333,13 +506,70 @@ def _stream_options(args: argparse.Namespace) -> dict[str, Any]:
         if args.tls_key is not None:
             raise UsageError("--tls-key needs --tls-cert")
         return options
+    options["ssl_context"] = _tls_context(args.tls_cert, args.tls_key)
+    return options
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> NoReturn:
+    # Asked only for an encrypted key; without this OpenSSL would prompt on
+    # the terminal, which a service does not have.
+    raise _EncryptedKey
+
+
+def _tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    """A server context from ``--tls-cert`` and ``--tls-key``.
+
+    A failure names the file at fault and what is wrong with it; OpenSSL's
+    own errors ("PEM lib") say neither.
+    """
+    cert_file = f"{cert} (--tls-cert)"
+    key_file = cert_file if key is None else f"{key} (--tls-key)"
+    contents = {}
+    for path, name in ((cert, cert_file), (key, key_file)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as file:
+                contents[path] = file.read()
+        except OSError as exc:
+            raise UsageError(
+                f"cannot load the TLS certificate: cannot read {name}: "
+                f"{exc.strerror or exc}"
+            ) from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS certificate: {exc}") from None
-    options["ssl_context"] = context
-    return options
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _EncryptedKey:
+        problem = f"the private key in {key_file} is encrypted; give it unencrypted"
+    except ssl.SSLError as exc:
+        problem = _tls_problem(exc, cert, cert_file, contents[key or cert], key_file)
+    else:
+        return context
+    raise UsageError(f"cannot load the TLS certificate: {problem}")
+
+
+def _tls_problem(
+    error: ssl.SSLError, cert: str, cert_file: str, key_pem: bytes, key_file: str
+) -> str:
+    """What is wrong, in words, when ``load_cert_chain`` failed."""
+    if error.reason == "KEY_VALUES_MISMATCH":
+        return (
+            f"the private key in {key_file} does not match the certificate "
+            f"in {cert_file}"
+        )
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
+    except ssl.SSLError:
+        return f"{cert_file} holds no valid PEM certificate"
+    if b"PRIVATE KEY-----" not in key_pem:
+        if key_file == cert_file:
+            return f"{cert_file} holds no private key; give it with --tls-key"
+        return f"{key_file} holds no PEM private key"
+    return f"{cert_file} with the key in {key_file}: {error}"
 
 
 def _server_class_for(sock: socket.socket) -> type[TCPServer]:
@@ -398,10 +628,8 @@ def _inherited(server: BaseServer) -> bool:
 
 
 def _with_timeout(
-    handler: type[BaseRequestHandler], timeout: float | None
-) -> type[BaseRequestHandler]:
-    if timeout is None:
-        return handler
+    handler: type[StreamRequestHandler], timeout: float | None
+) -> type[StreamRequestHandler]:
     return type(handler.__name__, (handler,), {"timeout": timeout})
 
 
@@ -427,8 +655,14 @@ def _servers_for(args: argparse.Namespace) -> list[BaseServer]:
                 args.udp = default
             else:
                 args.tcp = default
-    if stream is not None:
-        stream = _with_timeout(stream, args.timeout)
+    if stream is not None and issubclass(stream, StreamRequestHandler):
+        # The command line's default, unless the handler class has its own.
+        own = stream.timeout
+        timeout = _timeout_setting(
+            args.timeout, DEFAULT_TIMEOUT if own is None else own
+        )
+        if timeout != own:
+            stream = _with_timeout(stream, timeout)
     return build_servers(args, stream, datagram, inherited)
 
 
@@ -532,7 +766,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status.
 
     0 after a graceful shutdown, 1 if a second signal forced it, 2 for a
-    mistake in the arguments or an address that cannot be served.
+    mistake in the arguments or an address that cannot be served (one line
+    on standard error), 3 if the handler's module raised an exception while
+    it was imported (its traceback on standard error).
     """
     args = _build_parser().parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
@@ -550,8 +786,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             graceful = trio.run(_run_workers, args, servers)
     except UsageError as exc:
         print(f"trioserve: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except HandlerImportError as exc:
+        _print_import_failure(exc)
+        return EXIT_IMPORT_FAILED
     except (OSError, RuntimeError) as exc:
         print(f"trioserve: error: cannot serve: {exc}", file=sys.stderr)
-        return 2
-    return 0 if graceful else 1
+        return EXIT_USAGE
+    return 0 if graceful else EXIT_FORCED

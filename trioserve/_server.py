@@ -585,10 +585,17 @@ class BaseServer:
         except BaseExceptionGroup as group:
             # Cancelled from outside, every task ends in Cancelled, and the
             # nurseries wrap those in groups. Let it propagate as the one
-            # Cancelled it is; a group that holds anything else stays whole.
+            # Cancelled it is. Ctrl-C is raised in one task and cancels the
+            # rest: let that lone KeyboardInterrupt (or SystemExit) out bare
+            # too, so it ends the program as it ends any other. A group that
+            # holds anything else stays whole.
             _, others = group.split(trio.Cancelled)
             if others is None:
                 raise _first_leaf(group) from None
+            interrupt = _first_leaf(others)
+            _, rest = others.split(lambda error: error is interrupt)
+            if rest is None and isinstance(interrupt, (KeyboardInterrupt, SystemExit)):
+                raise interrupt from None
             raise
         finally:
             self._accepting = False
