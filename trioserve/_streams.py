@@ -11,8 +11,9 @@ byte. Together these keep reading linear in the bytes received.
 from __future__ import annotations
 
 import contextlib
+import math
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import trio
@@ -143,6 +144,8 @@ class AsyncBufferedReader(_LineIterator):
         self.max_line_length = max_line_length
         self.timeout = timeout
         self.idle_timeout = idle_timeout
+        # When the message being read must be complete, under idle_timeout.
+        self._message_deadline = math.inf
         self._shutdown_signal = shutdown_signal
         # Whether a wait with nothing buffered is idle for shutdown_signal:
         # from the first bytes on, or from the start if so asked.
@@ -219,24 +222,38 @@ class AsyncBufferedReader(_LineIterator):
     def _wait_scope(self, signal: ShutdownSignal | None) -> trio.CancelScope | None:
         """The scope a wait for data runs in: None if nothing can end it.
 
-        The shutdown signal's, for a wait between messages; and ``timeout``
-        away at the latest.
+        The deadlines are those of the shutdown signal, for a wait between
+        messages; of ``timeout``; and of ``idle_timeout`` for the message
+        being read. Only a wait needs them: a read that finds its data at
+        once has kept every deadline, so it pays for no scope.
         """
         scope = None if signal is None else signal.open_idle_scope()
+        deadline = self._message_deadline
         if self.timeout is not None:
+            deadline = min(deadline, trio.current_time() + self.timeout)
+        if deadline != math.inf:
             if scope is None:
                 scope = trio.CancelScope()
-            scope.deadline = min(scope.deadline, trio.current_time() + self.timeout)
+            scope.deadline = min(scope.deadline, deadline)
         return scope
 
     def _wait_ended(self, signal: ShutdownSignal | None) -> bytes:
         """What a wait that its scope ended gives: end-of-stream or a timeout.
 
         End-of-stream if shutdown's drain window is over (an idle connection
-        with nothing on its way is let go); otherwise ``timeout`` passed.
+        with nothing on its way is let go), or if ``idle_timeout`` passed
+        with no byte of a new message; :exc:`TimeoutError` if it passed with
+        part of one, or if ``timeout`` passed.
         """
-        if signal is not None and trio.current_time() >= signal.drain_deadline:
+        now = trio.current_time()
+        if signal is not None and now >= signal.drain_deadline:
             return b""
+        if now >= self._message_deadline:
+            if not self._buffer:
+                return b""
+            raise TimeoutError(
+                f"message not complete within idle_timeout ({self.idle_timeout} s)"
+            )
         raise self._timeout_error()
 
     async def _receive_some(self, signal: ShutdownSignal | None) -> bytes | bytearray:
@@ -272,19 +289,6 @@ class AsyncBufferedReader(_LineIterator):
         self._scanned = 0
         return data
 
-    async def _idle_bounded(
-        self, read: Callable[[int], Awaitable[bytes]], n: int
-    ) -> bytes:
-        """``read(n)``, which starts between messages, under ``idle_timeout``."""
-        with trio.move_on_after(self.idle_timeout or 0):
-            return await read(n)
-        if self._buffer:
-            raise TimeoutError(
-                f"message not complete within idle_timeout ({self.idle_timeout} s)"
-            )
-        self._eof = True
-        return b""
-
     def _start_reading(self) -> None:
         # Two tasks interleaving reads would corrupt the buffer between
         # awaits: that is a loud error instead, as in Trio's streams. A flag
@@ -295,6 +299,12 @@ class AsyncBufferedReader(_LineIterator):
                 "another task is already reading from this file"
             )
         self._reading = True
+        # A read that starts between messages (nothing buffered) must have
+        # its message within idle_timeout; the waits keep that deadline.
+        if self.idle_timeout is not None and not self._buffer:
+            self._message_deadline = trio.current_time() + self.idle_timeout
+        else:
+            self._message_deadline = math.inf
 
     async def readline(self) -> bytes:
         """Return the next line with its ``\\n``; ``b""`` at end of stream.
@@ -315,17 +325,14 @@ class AsyncBufferedReader(_LineIterator):
         """:meth:`readline`; at end of stream, StopAsyncIteration if asked."""
         self._start_reading()
         try:
-            if self.idle_timeout is not None and not self._buffer:
-                line = await self._idle_bounded(self._readline, -1)
-            else:
-                line = await self._readline(-1)
+            line = await self._readline()
         finally:
             self._reading = False
         if stop_at_end and not line:
             raise StopAsyncIteration
         return line
 
-    async def _readline(self, _: int) -> bytes:
+    async def _readline(self) -> bytes:
         while True:
             end = self._buffer.find(b"\n", self._scanned) + 1
             if end:
@@ -350,8 +357,6 @@ class AsyncBufferedReader(_LineIterator):
         """
         self._start_reading()
         try:
-            if self.idle_timeout is not None and not self._buffer:
-                return await self._idle_bounded(self._read, n)
             return await self._read(n)
         finally:
             self._reading = False
@@ -376,16 +381,9 @@ class AsyncBufferedReader(_LineIterator):
         try:
             if self._buffer:
                 return self._take(len(self._buffer) if n < 0 else n)
-            if self.idle_timeout is not None:
-                return await self._idle_bounded(self._read1, n)
-            # Not through _read1: one coroutine fewer on an idle
-            # connection's stack (see _receive_chunk).
             return self._up_to(n, await self._receive_chunk())
         finally:
             self._reading = False
-
-    async def _read1(self, n: int) -> bytes:
-        return self._up_to(n, await self._receive_chunk())
 
     def _up_to(self, n: int, chunk: bytes | bytearray) -> bytes:
         # Nothing buffered: hand the chunk over as it came, without copying
