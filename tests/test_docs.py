@@ -472,7 +472,8 @@ def test_readme_first_example_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert "ExceptionGroup" not in stderr, stderr
     assert_clean(stderr)
     assert stderr.splitlines() == [
-        "SIGINT: shutting down; 0 requests in flight get up to 5.0 s"
+        "SIGINT: shutting down; 0 requests in flight and 0 idle connections, "
+        "with up to 5.0 s to finish"
     ], stderr
 
 
