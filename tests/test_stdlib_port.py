@@ -244,6 +244,49 @@ async def test_shutdown() -> None:
     assert all(server.socket.fileno() == -1 for server in servers)
 
 
+class SlowReply(trioserve.StreamRequestHandler):
+    """Answers its first line after a second."""
+
+    async def handle(self) -> None:
+        await self.rfile.readline()
+        await trio.sleep(1)
+        await self.wfile.write(b"done\n")
+
+
+# Not in CPython, whose shutdown() takes no timeout: shutdown(timeout=...)
+# beats the shutdown_timeout attribute, whether shorter or longer.
+@pytest.mark.parametrize(("attribute", "argument"), [(0.05, 3.0), (3.0, 0.05)])
+async def test_shutdown_timeout_argument_beats_the_attribute(
+    attribute: float, argument: float, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = trioserve.TCPServer((HOST, 0), SlowReply, shutdown_timeout=attribute)
+    received = []
+    async with server, trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        client = await trio.open_tcp_stream(*server.server_address)
+
+        async def read_then_close() -> None:
+            async with client:
+                data = b""
+                while chunk := await client.receive_some():
+                    data += chunk
+                received.append(data)
+
+        await client.send_all(b"go\n")
+        nursery.start_soon(read_then_close)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await server.shutdown(timeout=argument)
+        elapsed = trio.current_time() - start
+    if argument > 1:
+        assert received == [b"done\n"]
+        assert elapsed == pytest.approx(1, abs=0.1)
+    else:
+        assert received == [b""]
+        assert elapsed == pytest.approx(argument, abs=0.1)
+    assert server.socket.fileno() == -1
+
+
 # Port of test_socketserver.SocketServerTest.test_close_immediately
 # Difference: no socket is open before binding (server.socket is a closed
 # one), so closing an unbound server has nothing to close; it must still
