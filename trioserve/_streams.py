@@ -144,8 +144,9 @@ class AsyncBufferedReader(_LineIterator):
         self.max_line_length = max_line_length
         self.timeout = timeout
         self.idle_timeout = idle_timeout
-        # When the message being read must be complete, under idle_timeout.
-        self._message_deadline = math.inf
+        # When the message being read must be complete, under idle_timeout;
+        # None until its first wait sets it (see _start_reading).
+        self._message_deadline: float | None = math.inf
         self._shutdown_signal = shutdown_signal
         # Whether a wait with nothing buffered is idle for shutdown_signal:
         # from the first bytes on, or from the start if so asked.
@@ -229,6 +230,12 @@ class AsyncBufferedReader(_LineIterator):
         """
         scope = None if signal is None else signal.open_idle_scope()
         deadline = self._message_deadline
+        if deadline is None:
+            # The message's first wait: its idle_timeout counts from here,
+            # a few receives after the read began, not from a clock read on
+            # every read.
+            assert self.idle_timeout is not None
+            deadline = self._message_deadline = trio.current_time() + self.idle_timeout
         if self.timeout is not None:
             deadline = min(deadline, trio.current_time() + self.timeout)
         if deadline != math.inf:
@@ -248,7 +255,7 @@ class AsyncBufferedReader(_LineIterator):
         now = trio.current_time()
         if signal is not None and now >= signal.drain_deadline:
             return b""
-        if now >= self._message_deadline:
+        if self._message_deadline is not None and now >= self._message_deadline:
             if not self._buffer:
                 return b""
             raise TimeoutError(
@@ -302,7 +309,7 @@ class AsyncBufferedReader(_LineIterator):
         # A read that starts between messages (nothing buffered) must have
         # its message within idle_timeout; the waits keep that deadline.
         if self.idle_timeout is not None and not self._buffer:
-            self._message_deadline = trio.current_time() + self.idle_timeout
+            self._message_deadline = None
         else:
             self._message_deadline = math.inf
 
