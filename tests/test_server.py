@@ -854,9 +854,12 @@ async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
         nursery.cancel_scope.cancel()
     assert sorted(replies) == sorted(b"%d" % n for n in range(flood))
     assert len(ticks_seen) == flood
-    # The ticker ran while the flood was served, not only after it.
+    # The ticker ran while the flood was served, not only after it. The
+    # checkpoint comes after every so many datagrams are handled, so the
+    # last one is seen by no handler, and Trio may run the ticker a batch
+    # late: one tick less each.
     checkpoints = flood // READY_OPERATIONS_PER_CHECKPOINT
-    assert ticks_seen[-1] - ticks_seen[0] >= checkpoints - 1
+    assert ticks_seen[-1] - ticks_seen[0] >= checkpoints - 2
 
 
 async def answer_at_once(

@@ -909,10 +909,6 @@ class UDPServer(TCPServer):
         pacer = self._pacer
         looks = 0
         while True:
-            # Paced before the receive, not after: a cancellation (the
-            # shutdown's) then never strikes a datagram already taken.
-            if pacer.due():
-                await trio.lowlevel.checkpoint()
             try:
                 data, client_address = inner.recvfrom(receive_size)
             except BlockingIOError:
@@ -930,6 +926,11 @@ class UDPServer(TCPServer):
                 self._drop_oversized(client_address)
             else:
                 await self._handle_accepted(serving, (data, sock), client_address)
+            # Paced once the datagram is handled, not between its receive
+            # and its handling: a cancellation (the shutdown's) then never
+            # strikes a datagram already taken.
+            if pacer.due():
+                await trio.lowlevel.checkpoint()
 
     def _prepares_requests(self) -> bool:
         return self.proxy_protocol != "off"

@@ -230,14 +230,16 @@ class AsyncBufferedReader(_LineIterator):
         """
         scope = None if signal is None else signal.open_idle_scope()
         deadline = self._message_deadline
-        if deadline is None:
-            # The message's first wait: its idle_timeout counts from here,
-            # a few receives after the read began, not from a clock read on
-            # every read.
-            assert self.idle_timeout is not None
-            deadline = self._message_deadline = trio.current_time() + self.idle_timeout
-        if self.timeout is not None:
-            deadline = min(deadline, trio.current_time() + self.timeout)
+        if deadline is None or self.timeout is not None:
+            now = trio.current_time()
+            if deadline is None:
+                # The message's first wait: its idle_timeout counts from
+                # here, a few receives after the read began, not from a
+                # clock read on every read.
+                assert self.idle_timeout is not None
+                deadline = self._message_deadline = now + self.idle_timeout
+            if self.timeout is not None:
+                deadline = min(deadline, now + self.timeout)
         if deadline != math.inf:
             if scope is None:
                 scope = trio.CancelScope()
