@@ -334,29 +334,27 @@ class AsyncBufferedReader(_LineIterator):
         """:meth:`readline`; at end of stream, StopAsyncIteration if asked."""
         self._start_reading()
         try:
-            line = await self._readline()
+            # The line loop is here, not in a helper, and receives without
+            # _receive: a coroutine fewer on an idle connection's stack (see
+            # _receive_chunk).
+            while True:
+                end = self._buffer.find(b"\n", self._scanned) + 1
+                if end:
+                    if end > self.max_line_length:
+                        raise _line_too_long(self.max_line_length)
+                    return self._take(end)
+                self._scanned = len(self._buffer)
+                if self._scanned > self.max_line_length:
+                    raise _line_too_long(self.max_line_length)
+                data = await self._receive_chunk()
+                if not data:
+                    break
+                self._buffer += data
         finally:
             self._reading = False
-        if stop_at_end and not line:
+        if stop_at_end and not self._buffer:
             raise StopAsyncIteration
-        return line
-
-    async def _readline(self) -> bytes:
-        while True:
-            end = self._buffer.find(b"\n", self._scanned) + 1
-            if end:
-                if end > self.max_line_length:
-                    raise _line_too_long(self.max_line_length)
-                return self._take(end)
-            self._scanned = len(self._buffer)
-            if self._scanned > self.max_line_length:
-                raise _line_too_long(self.max_line_length)
-            # Not through _receive: one coroutine fewer on an idle
-            # connection's stack (see _receive_chunk).
-            data = await self._receive_chunk()
-            if not data:
-                return self._take(len(self._buffer))
-            self._buffer += data
+        return self._take(len(self._buffer))
 
     async def read(self, n: int = -1) -> bytes:
         """Return ``n`` bytes, fewer only at end of stream; ``n < 0`` reads to the end.
