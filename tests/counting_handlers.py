@@ -7,35 +7,34 @@ Served by ``python -m trioserve serve counting_handlers:HTTPHandler`` (or
 Both examples write each reply in one ``wfile.write``, so a write that
 returned is one reply the server wrote: its bytes are with the kernel (or
 the TLS stream's transport), and a clean close must deliver them. Every
-process that imports this module prints ``replies-written N`` on stderr when
-it exits: under ``--workers`` that is one line per worker, plus one saying 0
-from the supervisor, which serves nothing itself.
+process that imports this module writes its count to a file of its own when
+it exits, in the directory ``real_clients.COUNTS_DIRECTORY`` names: under
+``--workers`` one per worker, plus one saying 0 from the supervisor, which
+serves nothing itself.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import sys
 
 import http_keepalive
 import resp_store
 import trio
+from real_clients import COUNTS_DIRECTORY
 
 import trioserve
-
-REPLIES_WRITTEN_LINE = "replies-written"
 
 _replies_written = 0
 
 
 @atexit.register
 def _report() -> None:
-    print(
-        f"{REPLIES_WRITTEN_LINE} {_replies_written} pid {os.getpid()}",
-        file=sys.stderr,
-        flush=True,
-    )
+    directory = os.environ.get(COUNTS_DIRECTORY)
+    if directory is not None:
+        path = os.path.join(directory, str(os.getpid()))
+        with open(path, "w") as counts:
+            counts.write(str(_replies_written))
 
 
 class CountingWriter(trioserve.AsyncBufferedWriter):

@@ -34,11 +34,13 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,10 +59,14 @@ EXIT_TIMEOUT = 10.0
 # before SIGTERM, so the signal lands with requests in every state.
 LOAD_BEFORE_SIGNAL = 0.3
 
+#: The environment variable naming the directory where each server process
+#: leaves a file, named by its pid, with the replies it wrote (see
+#: counting_handlers).
+COUNTS_DIRECTORY = "TRIOSERVE_TEST_REPLIES_DIR"
+
 SERVING_LINE = re.compile(
     r"^trioserve: serving (?:TCP|UDP)(?:\+TLS)? on (?P<host>[^:]+):(?P<port>\d+)$"
 )
-REPLIES_WRITTEN = re.compile(r"^replies-written (?P<count>\d+) ")
 
 
 # -- the server ----------------------------------------------------------------
@@ -106,6 +112,8 @@ class Server:
     address: tuple[str, int]
     stdout: _Lines
     stderr: _Lines
+    # Where each of its processes writes how many replies it wrote.
+    counts: Path
 
     def terminate(self) -> int:
         """SIGTERM; return the exit status (raises if it takes too long)."""
@@ -113,9 +121,12 @@ class Server:
         return self.proc.wait(timeout=EXIT_TIMEOUT)
 
     def replies_written(self) -> int:
-        """The replies the server's processes wrote, once it has exited."""
-        lines = self.stderr.join().splitlines()
-        return sum(int(m["count"]) for m in map(REPLIES_WRITTEN.match, lines) if m)
+        """The replies the server's processes wrote, once it has exited.
+
+        Each process leaves a file with its count (a line on the shared
+        stderr could be lost among the other processes' lines).
+        """
+        return sum(int(path.read_text()) for path in self.counts.iterdir())
 
 
 @contextlib.contextmanager
@@ -138,10 +149,12 @@ def serving(
     if workers is not None:
         argv += ["--workers", str(workers)]
     path = os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")]))
+    counts = Path(tempfile.mkdtemp(prefix="trioserve-replies-"))
+    env = {**os.environ, "PYTHONPATH": path, COUNTS_DIRECTORY: str(counts)}
     proc = subprocess.Popen(
         argv,
         cwd=TESTS,
-        env={**os.environ, "PYTHONPATH": path},
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -154,8 +167,10 @@ def serving(
         except AssertionError as exc:
             proc.kill()
             raise AssertionError(f"{exc}; stderr: {stderr.join()}") from None
-        yield Server(proc, (match["host"], int(match["port"])), stdout, stderr)
+        address = (match["host"], int(match["port"]))
+        yield Server(proc, address, stdout, stderr, counts)
     finally:
+        shutil.rmtree(counts, ignore_errors=True)
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=EXIT_TIMEOUT)

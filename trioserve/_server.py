@@ -307,6 +307,16 @@ def _consists_of(error: BaseException, kind: type[BaseException]) -> bool:
     return isinstance(error, kind)
 
 
+def _count_failure(stats: ServerStats, error: Exception) -> None:
+    """Count a request that ``error`` ended: timed out, disconnected or failed."""
+    if _consists_of(error, TimeoutError):
+        stats.timed_out += 1
+    elif _consists_of(error, trio.BrokenResourceError):
+        stats.disconnected += 1
+    else:
+        stats.failed += 1
+
+
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
@@ -396,17 +406,14 @@ class BaseServer:
         check_async_hooks(type(self), SERVER_HOOKS)
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
-        options = {
-            "max_concurrent_requests": max_concurrent_requests,
-            "max_connections_per_peer": max_connections_per_peer,
-            "request_timeout": request_timeout,
-            "idle_timeout": idle_timeout,
-            "shutdown_timeout": shutdown_timeout,
-            "drain_window": drain_window,
-        }
-        for name, value in options.items():
-            if value is not DEFAULT:
-                setattr(self, name, value)
+        self._set_options(
+            max_concurrent_requests=max_concurrent_requests,
+            max_connections_per_peer=max_connections_per_peer,
+            request_timeout=request_timeout,
+            idle_timeout=idle_timeout,
+            shutdown_timeout=shutdown_timeout,
+            drain_window=drain_window,
+        )
         for name in ("max_concurrent_requests", "max_connections_per_peer"):
             if (limit := getattr(self, name)) is not None and limit < 1:
                 raise ValueError(f"{name} must be at least 1, or None")
@@ -428,6 +435,15 @@ class BaseServer:
         # Handlers' readers watch this to leave promptly when shutdown
         # starts; each serve_forever gets a fresh one.
         self._shutdown_signal = ShutdownSignal(self.drain_window, self.stats)
+
+    def _set_options(self, **options: Any) -> None:
+        """Set on the server each constructor option that was given.
+
+        One not given (``DEFAULT``) leaves the class attribute in force.
+        """
+        for name, value in options.items():
+            if value is not DEFAULT:
+                setattr(self, name, value)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server_address!r}>"
@@ -789,12 +805,7 @@ class BaseServer:
                 await self._finish_within_deadline(request, client_address, timeout)
             stats.completed += 1
         except Exception as exc:
-            if _consists_of(exc, TimeoutError):
-                stats.timed_out += 1
-            elif _consists_of(exc, trio.BrokenResourceError):
-                stats.disconnected += 1
-            else:
-                stats.failed += 1
+            _count_failure(stats, exc)
             await self.handle_error(request, client_address)
         except BaseException:
             stats.cancelled += 1

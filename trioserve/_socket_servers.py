@@ -241,16 +241,14 @@ class TCPServer(BaseServer):
             )
         #: The server-side TLS context, or ``None`` for plain TCP.
         self.ssl_context = ssl_context
-        if handshake_timeout is not DEFAULT:
-            self.handshake_timeout = handshake_timeout
-        if max_concurrent_handshakes is not DEFAULT:
-            self.max_concurrent_handshakes = max_concurrent_handshakes
+        self._set_options(
+            handshake_timeout=handshake_timeout,
+            max_concurrent_handshakes=max_concurrent_handshakes,
+            proxy_protocol=proxy_protocol,
+            trusted_proxies=trusted_proxies,
+        )
         if (limit := self.max_concurrent_handshakes) is not None and limit < 1:
             raise ValueError("max_concurrent_handshakes must be at least 1, or None")
-        if proxy_protocol is not DEFAULT:
-            self.proxy_protocol = proxy_protocol
-        if trusted_proxies is not DEFAULT:
-            self.trusted_proxies = trusted_proxies
         self._trusted_networks = _trusted_networks(
             self.proxy_protocol, self.trusted_proxies
         )
