@@ -149,10 +149,13 @@ class StreamRequestHandler(BaseRequestHandler):
       :meth:`finish`.
 
     When a graceful shutdown starts, a read that is waiting for the first
-    byte of a new message returns end-of-stream at once (``readline()``
+    byte of a new message waits at most the server's ``drain_window`` for
+    one already on its way, then returns end-of-stream (``readline()``
     returns ``b""``, ``async for`` ends), so an idle connection leaves
     without waiting for the grace period. A read holding part of a message
-    keeps waiting for the rest.
+    keeps waiting for the rest. Read through ``rfile`` (``read1`` to feed a
+    parser of your own): a read on ``self.connection`` itself is not known
+    to be idle, so it holds up a shutdown for the whole grace period.
     """
 
     #: The most bytes one receive asks the stream for.

@@ -98,10 +98,11 @@ class AsyncBufferedReader(_LineIterator):
       timeout: Seconds one receive may go without data before
         :exc:`TimeoutError` is raised; ``None`` waits forever.
       shutdown_signal: When given, a read that waits for the first byte of a
-        new message (nothing buffered) returns end-of-stream as soon as the
-        signal starts: that is how idle connections leave at once on a
-        graceful shutdown. A read with bytes of a message in hand keeps
-        waiting for the rest.
+        new message (nothing buffered) waits at most the signal's drain
+        window once it starts, then returns end-of-stream: that is how idle
+        connections leave promptly on a graceful shutdown, and how a message
+        already on its way is still read. A read with bytes of a message in
+        hand keeps waiting for the rest.
       idle_before_first_message: Whether a read waiting for the stream's
         very first bytes is idle too, for ``shutdown_signal`` (it always is
         for ``idle_timeout``). False suits a connection a proxy opened on a
