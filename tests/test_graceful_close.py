@@ -12,12 +12,11 @@ reset, never a reply cut short.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -43,16 +42,6 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
     return server_context, client_context
-
-
-@contextmanager
-def short_tmp(tmp_path: Path) -> Iterator[str]:
-    # Unix socket paths must be short; pytest's tmp_path may not be.
-    path = f"/tmp/trioserve-close-{id(tmp_path)}.sock"
-    try:
-        yield path
-    finally:
-        Path(path).unlink(missing_ok=True)
 
 
 @asynccontextmanager
@@ -151,62 +140,56 @@ async def connected(
 
 
 def make_server(
-    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
-) -> tuple[trioserve.TCPServer, ssl.SSLContext | None, Any]:
+    kind: str, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> tuple[trioserve.TCPServer, ssl.SSLContext | None]:
+    """A line-echo server of ``kind``, and the client's TLS context if any."""
     server_context, client_context = tls_contexts
     if kind == "unix":
-        path_context = short_tmp(tmp_path)
-        path = path_context.__enter__()
-        server: trioserve.TCPServer = trioserve.UnixStreamServer(path, LineEcho)
-        return server, None, path_context
+        # Short, as Unix socket paths must be; the server removes the file.
+        path = f"/tmp/trioserve-close-{os.getpid()}.sock"
+        return trioserve.UnixStreamServer(path, LineEcho), None
     if kind == "tls":
         server = trioserve.TCPServer(
             ("127.0.0.1", 0), LineEcho, ssl_context=server_context
         )
-        return server, client_context, None
-    return trioserve.TCPServer(("127.0.0.1", 0), LineEcho), None, None
+        return server, client_context
+    return trioserve.TCPServer(("127.0.0.1", 0), LineEcho), None
 
 
 @pytest.mark.parametrize("kind", ["tcp", "unix", "tls"])
 async def test_a_message_in_the_socket_when_shutdown_starts_is_served(
-    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+    kind: str, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
 ) -> None:
-    server, client_context, cleanup = make_server(kind, tmp_path, tls_contexts)
+    server, client_context = make_server(kind, tls_contexts)
     received = []
-    try:
-        with trio.fail_after(IO_TIMEOUT):
-            async with serving(server):
-                client = await connected(server, client_context)
-                try:
-                    request = client.encode(b"next\n")
+    with trio.fail_after(IO_TIMEOUT):
+        async with serving(server):
+            client = await connected(server, client_context)
+            try:
+                request = client.encode(b"next\n")
 
-                    async def read() -> None:
-                        received.append(
-                            await trio.to_thread.run_sync(client.read_to_eof)
-                        )
+                async def read() -> None:
+                    received.append(await trio.to_thread.run_sync(client.read_to_eof))
 
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(read)
-                        await trio.testing.wait_all_tasks_blocked()
-                        # No checkpoint between the send and the start of
-                        # the shutdown: the request is in the server's
-                        # socket, unread, when shutdown starts.
-                        client.sock.sendall(request)
-                        await server.shutdown()
-                finally:
-                    client.close()
-    finally:
-        if cleanup is not None:
-            cleanup.__exit__(None, None, None)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read)
+                    await trio.testing.wait_all_tasks_blocked()
+                    # No checkpoint between the send and the start of the
+                    # shutdown: the request is in the server's socket,
+                    # unread, when shutdown starts.
+                    client.sock.sendall(request)
+                    await server.shutdown()
+            finally:
+                client.close()
     assert received == [b"next\n"]
     assert (server.stats.completed, server.stats.cancelled) == (1, 0)
 
 
 @pytest.mark.parametrize("kind", ["tcp", "tls"])
 async def test_a_message_that_arrives_within_the_drain_window_is_served(
-    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+    kind: str, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
 ) -> None:
-    server, client_context, _ = make_server(kind, tmp_path, tls_contexts)
+    server, client_context = make_server(kind, tls_contexts)
     server.drain_window = 2.0
     with trio.fail_after(IO_TIMEOUT):
         async with serving(server) as nursery:
@@ -224,9 +207,9 @@ async def test_a_message_that_arrives_within_the_drain_window_is_served(
 
 @pytest.mark.parametrize("kind", ["tcp", "tls"])
 async def test_a_message_after_the_drain_window_gets_a_clean_end_of_stream(
-    kind: str, tmp_path: Path, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+    kind: str, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
 ) -> None:
-    server, client_context, _ = make_server(kind, tmp_path, tls_contexts)
+    server, client_context = make_server(kind, tls_contexts)
     server.drain_window = 0.5
     with trio.fail_after(IO_TIMEOUT):
         async with serving(server) as nursery:
