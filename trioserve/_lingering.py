@@ -60,6 +60,7 @@ async def close_without_reset(stream: trio.abc.AsyncResource, linger: float) -> 
     # The TLS layer closes its socket once it has sent close_notify; a
     # duplicate keeps the connection open for the lingering.
     connection = sock.dup()
+    connection.setblocking(False)
     try:
         await stream.aclose()
         await _linger(connection, linger)
