@@ -210,15 +210,16 @@ async def test_a_message_after_the_drain_window_gets_a_clean_end_of_stream(
     kind: str, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
 ) -> None:
     server, client_context = make_server(kind, tls_contexts)
-    server.drain_window = 0.5
+    server.drain_window = 1.0
     with trio.fail_after(IO_TIMEOUT):
         async with serving(server) as nursery:
             client = await connected(server, client_context)
             try:
                 nursery.start_soon(server.shutdown)
                 # The window passes with nothing on its way: the server ends
-                # the stream, and lingers for the client's end.
-                await trio.sleep(0.6)
+                # the stream, and lingers for the client's end, for another
+                # drain_window. The late request comes half-way through that.
+                await trio.sleep(1.5)
                 client.send(b"too late\n")
                 await trio.sleep(0.1)  # time for a reset to come back
                 # recv returns b"", a clean end-of-stream, and again: the
