@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -227,7 +228,10 @@ def test_datagrams_in_flight_at_sigterm_all_get_their_reply() -> None:
     the signal is sent and must then get the reply to its last datagram.
     """
     clients = 20
-    stop = threading.Event()
+    # Sends happen under this lock, and the signal is sent holding it with
+    # stop set: so every datagram counted as sent was sent before SIGTERM.
+    sending = threading.Lock()
+    stop = False
     counts = [[0, 0] for _ in range(clients)]  # sent, answered
     errors: list[BaseException] = []
 
@@ -236,10 +240,13 @@ def test_datagrams_in_flight_at_sigterm_all_get_their_reply() -> None:
             sock.settimeout(real_clients.IO_TIMEOUT)
             sock.connect(address)
             try:
-                while not stop.is_set():
+                while True:
                     payload = b"%d %d" % (number, counts[number][0])
-                    sock.send(payload)
-                    counts[number][0] += 1
+                    with sending:
+                        if stop:
+                            return
+                        sock.send(payload)
+                        counts[number][0] += 1
                     if sock.recv(100) == payload:
                         counts[number][1] += 1
             except OSError as exc:
@@ -256,8 +263,10 @@ def test_datagrams_in_flight_at_sigterm_all_get_their_reply() -> None:
         while any(answered < 2 for _, answered in counts):
             assert time.monotonic() < deadline, counts
             time.sleep(0.01)
-        stop.set()
-        status = server.terminate()
+        with sending:
+            stop = True
+            server.proc.send_signal(signal.SIGTERM)
+        status = server.proc.wait(timeout=real_clients.EXIT_TIMEOUT)
         for thread in threads:
             thread.join(real_clients.IO_TIMEOUT)
         written = server.replies_written()
