@@ -524,8 +524,9 @@ class BaseServer:
           Errors that concern one pending connection
           (``ECONNABORTED`` and kin) are skipped. Any other error, and any
           :exc:`BaseException` that is not an :exc:`Exception`, ends
-          serving and propagates, wrapped in an exception group by the
-          nursery it escapes.
+          serving and propagates: a lone :exc:`KeyboardInterrupt` or
+          :exc:`SystemExit` as itself, anything else wrapped in an exception
+          group by the nursery it escapes.
         """
         async with (
             self._serve(
