@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+import support
 import trio
 import trio.testing
-import trustme
 
 import trioserve
 
@@ -34,14 +34,9 @@ class LineEcho(trioserve.StreamRequestHandler):
             await self.wfile.write(line)
 
 
-@pytest.fixture(scope="module")
-def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    return server_context, client_context
+@pytest.fixture(scope="module", name="tls_contexts")
+def tls_contexts_fixture() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    return support.tls_contexts()
 
 
 @asynccontextmanager

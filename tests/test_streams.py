@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import socket as stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import hypothesis
@@ -27,6 +27,7 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+from support import one_way_stream
 from trio.testing import wait_all_tasks_blocked
 
 import trioserve
@@ -675,13 +676,7 @@ async def test_an_idle_reader_at_shutdown_serves_a_message_within_the_drain_wind
     # A keep-alive client's next request is on its way when shutdown
     # starts: it arrives within the window and is read, not thrown away.
     signal = new_signal(drain_window=1.0)
-    async with AsyncExitStack() as stack:
-        if transport == "socket":
-            near, far = await stack.enter_async_context(socket_stream_pair())
-            receive: trio.abc.ReceiveStream = near
-            send: trio.abc.SendStream = far
-        else:
-            send, receive = trio.testing.memory_stream_one_way_pair()
+    async with one_way_stream(transport) as (send, receive):
         reader = AsyncBufferedReader(receive, shutdown_signal=signal)
         async with trio.open_nursery() as nursery:
             pending = Pending()
@@ -705,12 +700,7 @@ async def test_an_idle_reader_sees_eof_when_the_drain_window_ends(
     autojump_clock: trio.testing.MockClock, transport: str
 ) -> None:
     signal = new_signal(drain_window=0.25)
-    async with AsyncExitStack() as stack:
-        if transport == "socket":
-            near, _far = await stack.enter_async_context(socket_stream_pair())
-            receive: trio.abc.ReceiveStream = near
-        else:
-            _send, receive = trio.testing.memory_stream_one_way_pair()
+    async with one_way_stream(transport) as (_send, receive):
         reader = AsyncBufferedReader(receive, shutdown_signal=signal, timeout=10)
         async with trio.open_nursery() as nursery:
             pending = Pending()

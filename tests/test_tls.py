@@ -12,19 +12,13 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from support import tls_contexts
 from test_server import Echo, serving
 
 import trioserve
 from trioserve._proxy import build_v2
 
-
-def contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    return server_context, client_context
+contexts = tls_contexts
 
 
 async def test_tls_echo_and_connection_type() -> None:

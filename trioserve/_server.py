@@ -278,9 +278,10 @@ _PEER_ERRORS: Final = (
 CUT_OFF_ADDRESSES_SHOWN: Final = 3
 
 
-def count_of_requests(count: int) -> str:
-    """``"1 request"``, ``"2 requests"``."""
-    return f"{count} request" if count == 1 else f"{count} requests"
+def counted(count: int, noun: str) -> str:
+    """``"1 request"``, ``"2 requests"``: ``count`` and ``noun``, in the plural
+    unless it is one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _report_cut_off(client_addresses: list[Any]) -> None:
@@ -291,7 +292,7 @@ def _report_cut_off(client_addresses: list[Any]) -> None:
         named += f" and {count - CUT_OFF_ADDRESSES_SHOWN} more"
     LOGGER.warning(
         "shutdown cancelled %s still running at its deadline, from %s",
-        count_of_requests(count),
+        counted(count, "request"),
         named,
     )
 

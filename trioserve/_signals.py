@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from ._server import BaseServer, count_of_requests
+from ._server import BaseServer, counted
 
 LOGGER = logging.getLogger("trioserve")
 
@@ -82,10 +82,8 @@ async def serve_until_signalled(
                             "%s: shutting down; %s in flight and %s, with up to "
                             "%s s to finish",
                             name,
-                            count_of_requests(active - idle),
-                            "1 idle connection"
-                            if idle == 1
-                            else f"{idle} idle connections",
+                            counted(active - idle, "request"),
+                            counted(idle, "idle connection"),
                             max(server.shutdown_timeout for server in servers),
                         )
                         nursery.start_soon(shut_down_all)
