@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import os
 import pstats
 import re
@@ -36,7 +35,15 @@ import sys
 import time
 from pathlib import Path
 
-import run
+if not __package__:  # run as a script: the package is in this one's parent
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import attrs
+
+from benchmarks import catalog, machine
+from benchmarks.catalog import Config, Server
+from benchmarks.driver import STOP_TIMEOUT_S, ServerProcess, loadgen_command
+from benchmarks.records import Settings
 
 # Samples per second: enough for stable percentages over a ten-second
 # window, few enough that stopping the process to sample costs it little.
@@ -60,42 +67,45 @@ TOP = 25
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*)\)$")
 
 
-def _find_server(name: str) -> run.Server:
-    for server in run.SERVERS:
+def _find_server(name: str) -> Server:
+    for server in catalog.SERVERS:
         if server.name == name:
             return server
-    sys.exit(f"no server {name!r}; servers: {', '.join(s.name for s in run.SERVERS)}")
+    sys.exit(
+        f"no server {name!r}; servers: {', '.join(s.name for s in catalog.SERVERS)}"
+    )
 
 
-def _find_config(name: str) -> run.Config:
-    for config in run.CONFIGS:
+def _find_config(name: str) -> Config:
+    for config in catalog.CONFIGS:
         if config.name == name and config.metric == "rps":
             return config
-    names = ", ".join(c.name for c in run.CONFIGS if c.metric == "rps")
+    names = ", ".join(c.name for c in catalog.CONFIGS if c.metric == "rps")
     sys.exit(f"no load {name!r}; loads: {names}")
 
 
-def _settings(seconds: float) -> run.Settings:
-    return run.Settings(
+def _settings(seconds: float) -> Settings:
+    return Settings(
         repeat=1,
         warmup=WARMUP_S,
         duration=seconds + 2.0,  # the load outlasts the sampling
         idle_conns=0,
-        pin=run.pin_possible(),
+        pin=machine.pin_possible(),
+        cpus=machine.usable_cpus(),
     )
 
 
-def _start_load(config: run.Config, port: int, settings: run.Settings):
+def _start_load(config: Config, port: int, settings: Settings) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        run.loadgen_command(config, port, settings),
+        loadgen_command(config, port, settings),
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=run._pinned(run.LOADGEN_CPU if settings.pin else None),
+        preexec_fn=machine.pinned(machine.LOADGEN_CPU if settings.pin else None),
     )
 
 
 def profile_with_py_spy(
-    server: run.Server, config: run.Config, seconds: float, output: Path
+    server: Server, config: Config, seconds: float, output: Path
 ) -> collections.Counter[tuple[str, ...]]:
     """Sample the server with py-spy; return the collapsed stacks' counts."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -103,7 +113,7 @@ def profile_with_py_spy(
         sys.exit("py-spy is not installed: pip install py-spy (or use --tool cprofile)")
     settings = _settings(seconds)
     tag = f"profile-{server.name}-{config.name}"
-    with run.ServerProcess(server, config.kind, settings, tag) as proc:
+    with ServerProcess(server, config.kind, settings, tag) as proc:
         load = _start_load(config, proc.port, settings)
         time.sleep(WARMUP_S)
         subprocess.run(
@@ -125,7 +135,7 @@ def profile_with_py_spy(
             ],
             check=True,
             stdout=subprocess.DEVNULL,
-            preexec_fn=run._pinned(run.LOADGEN_CPU if settings.pin else None),
+            preexec_fn=machine.pinned(machine.LOADGEN_CPU if settings.pin else None),
         )
         report, _ = load.communicate()
         print("load:", report.strip())
@@ -173,13 +183,13 @@ def print_py_spy_tables(stacks: collections.Counter[tuple[str, ...]]) -> None:
 
 
 def profile_with_cprofile(
-    server: run.Server, config: run.Config, seconds: float, output: Path
+    server: Server, config: Config, seconds: float, output: Path
 ) -> None:
     command = server.tcp if config.kind == "tcp" else server.udp
     assert command is not None
     if command[1:3] != ("-m", "trioserve"):
         sys.exit("--tool cprofile profiles the trioserve servers only")
-    profiled = dataclasses.replace(
+    profiled = attrs.evolve(
         server,
         tcp=(command[0], "-m", "cProfile", "-o", str(output), *command[1:]),
         udp=(command[0], "-m", "cProfile", "-o", str(output), *command[1:]),
@@ -187,18 +197,19 @@ def profile_with_cprofile(
     settings = _settings(seconds)
     tag = f"profile-{server.name}-{config.name}"
     output.unlink(missing_ok=True)
-    with run.ServerProcess(profiled, config.kind, settings, tag) as proc:
+    with ServerProcess(profiled, config.kind, settings, tag) as proc:
         load = _start_load(config, proc.port, settings)
         report, _ = load.communicate()
         print("load:", report.strip())
         proc.process.send_signal(signal.SIGTERM)  # trioserve then writes it
-        proc.process.wait(run.STOP_TIMEOUT_S)
+        proc.process.wait(STOP_TIMEOUT_S)
     stats = pstats.Stats(str(output))
     stats.sort_stats("tottime").print_stats(TOP)
     stats.sort_stats("cumulative").print_stats(TOP)
 
 
 def main() -> None:
+    assert __doc__ is not None
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", default="trioserve")
     parser.add_argument("--config", default="tcp-100")
@@ -214,19 +225,17 @@ def main() -> None:
     server, config = _find_server(args.server), _find_config(args.config)
     if args.tree:
         tree = args.tree.resolve()
-        server = dataclasses.replace(
-            server, name=f"{server.name}@{tree.name}", tree=tree
-        )
-    run.enter_private_network()
-    run.build()
-    run.raise_fd_limit(2 * config.conns + 100)
+        server = attrs.evolve(server, name=f"{server.name}@{tree.name}", tree=tree)
+    machine.enter_private_network()
+    machine.build()
+    machine.raise_fd_limit(2 * config.conns + 100)
     suffix = "txt" if args.tool == "py-spy" else "prof"
-    output = run.BUILD_DIR / f"profile-{server.name}-{config.name}.{suffix}"
+    output = machine.BUILD_DIR / f"profile-{server.name}-{config.name}.{suffix}"
     if args.tool == "py-spy":
         print_py_spy_tables(profile_with_py_spy(server, config, args.seconds, output))
     else:
         profile_with_cprofile(server, config, args.seconds, output)
-    shutil.rmtree(run.LOG_DIR, ignore_errors=True)
+    shutil.rmtree(machine.LOG_DIR, ignore_errors=True)
     print(f"\nprofile written to {output}")
 
 

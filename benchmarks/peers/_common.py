@@ -1,7 +1,8 @@
 """What every peer server shares: its command line and its ready line.
 
 Each peer is run as ``python PEER.py --tcp HOST:PORT`` or
-``python PEER.py --udp HOST:PORT`` (port 0 picks a free port). Once
+``python PEER.py --udp HOST:PORT`` (port 0 picks a free port), with the
+repository on ``PYTHONPATH`` for this module. Once
 listening it prints ``serving TCP on HOST:PORT`` (or ``UDP``), the line
 ``python -m trioserve echo`` prints, so the runner reads the real port from
 every server the same way. A peer serves until it is killed.
@@ -24,6 +25,10 @@ def parse_args(description: str) -> tuple[str, tuple[str, int]]:
     return ("tcp" if args.tcp else "udp"), (host, int(port))
 
 
-def announce(kind: str, address: tuple[str, int]) -> None:
-    """Print the ready line the runner waits for."""
+def announce(kind: str, address: tuple[object, ...] | str) -> None:
+    """Print the ready line the runner waits for.
+
+    address is the bound IP socket address, as the server library gives it.
+    """
+    assert isinstance(address, tuple), f"not an IP address: {address!r}"
     print(f"serving {kind.upper()} on {address[0]}:{address[1]}", flush=True)

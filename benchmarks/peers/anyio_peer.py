@@ -9,9 +9,10 @@ added back to the reply. The UDP server iterates over a UDP socket.
 from __future__ import annotations
 
 import anyio
-from _common import announce, parse_args
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
+
+from benchmarks.peers._common import announce, parse_args
 
 # The longest line accepted: as trioserve's default.
 MAX_LINE_LENGTH = 65536

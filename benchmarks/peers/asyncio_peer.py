@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from _common import announce, parse_args
+from benchmarks.peers._common import announce, parse_args
 
 
 async def line_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import socketserver
 
-from _common import announce, parse_args
+from benchmarks.peers._common import announce, parse_args
 
 
 class LineEcho(socketserver.StreamRequestHandler):

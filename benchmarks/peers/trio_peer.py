@@ -12,7 +12,8 @@ import functools
 import socket
 
 import trio
-from _common import announce, parse_args
+
+from benchmarks.peers._common import announce, parse_args
 
 # The most bytes one receive asks for: as trioserve's default.
 RECEIVE_SIZE = 65536
