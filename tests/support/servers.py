@@ -1,11 +1,14 @@
-"""Helpers the test modules share; no test module imports another.
+"""Servers run inside the test's own Trio run, and Trio clients for them.
 
-More of the shared helpers belong here (see the architecture issue); for
-now: TLS contexts, and a byte stream pair of either kind.
+Also the TLS contexts the TLS tests share, a byte stream pair of either kind,
+and the host checks (IPv6 loopback, open file descriptors).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +16,81 @@ from contextlib import asynccontextmanager
 import trio
 import trio.testing
 import trustme
+
+import trioserve
+
+# Bounds a read that a passing test sees end; generous for a busy machine.
+READ_TIMEOUT = 30.0
+
+
+class Echo(trioserve.StreamRequestHandler):
+    """Echoes each line back."""
+
+    async def handle(self) -> None:
+        async for line in self.rfile:
+            await self.wfile.write(line)
+
+
+@asynccontextmanager
+async def serving(server: trioserve.BaseServer) -> AsyncIterator[trioserve.BaseServer]:
+    """Run ``server.serve_forever`` for the block; shut down and close after."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        try:
+            yield server
+        finally:
+            with trio.fail_after(10):
+                await server.shutdown()
+                await server.server_close()
+
+
+async def connect(server: trioserve.BaseServer) -> trio.SocketStream:
+    """A TCP connection to ``server``."""
+    host, port = server.server_address[:2]
+    return await trio.open_tcp_stream(host, port)
+
+
+async def roundtrip(stream: trio.abc.Stream, line: bytes) -> bytes:
+    """Send ``line`` (if any); return what comes back up to a newline or EOF."""
+    if line:
+        await stream.send_all(line)
+    received = b""
+    with trio.fail_after(5):
+        while not received.endswith(b"\n"):
+            chunk = await stream.receive_some()
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything until the peer closes; a reset ends it as well."""
+    data = bytearray()
+    with (
+        trio.fail_after(READ_TIMEOUT),
+        contextlib.suppress(trio.BrokenResourceError),
+    ):
+        while chunk := await stream.receive_some():
+            data += chunk
+    return bytes(data)
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def ipv6_loopback_available() -> bool:
+    """Whether this host can bind ``::1``."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
