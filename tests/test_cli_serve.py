@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo, running, tcp_echo
+from support.cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo, running, tcp_echo
 
 from trioserve._cli import (
     DEFAULT_IDLE_TIMEOUT,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import (
+from support.cli import (
     IO_TIMEOUT,
     PROMPT_EXIT,
     EchoCLI,
@@ -35,6 +35,7 @@ from test_cli import (
     tcp_echo,
     udp_echo,
 )
+from support.servers import free_port
 
 import trioserve
 from trioserve._server import REQUEST_CLOSE_TIMEOUT
@@ -429,13 +430,6 @@ def test_units_pass_systemd_analyze_verify(units: list[Path], tmp_path: Path) ->
 
 
 # -- README.md ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def connect_when_serving(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:

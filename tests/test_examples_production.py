@@ -37,8 +37,8 @@ from support.examples import (
     parse_address,
     run_example,
 )
-from support.haproxy import HAPROXY, check_haproxy_config, free_port
-from support.servers import ipv6_loopback_available
+from support.haproxy import HAPROXY, check_haproxy_config
+from support.servers import free_port, ipv6_loopback_available
 
 from trioserve._proxy import build_v1, build_v2
 

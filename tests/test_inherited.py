@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, running, tcp_echo, udp_echo
-from test_server import Echo, connect, roundtrip, serving
+from support.cli import IO_TIMEOUT, EchoCLI, assert_clean, running, tcp_echo, udp_echo
+from support.servers import Echo, connect, roundtrip, serving
 
 import trioserve
 

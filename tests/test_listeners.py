@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 import trio.testing
-from test_server import Echo, _has_ipv6_loopback, roundtrip, serving
+from support.servers import Echo, ipv6_loopback_available, roundtrip, serving
 
 import trioserve
 
@@ -35,7 +35,7 @@ async def open_stream(address: object) -> trio.SocketStream:
 async def test_tcp_and_unix_listeners_share_one_server(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "s")
     extra: list[object] = [path]
-    if _has_ipv6_loopback():
+    if ipv6_loopback_available():
         extra.insert(0, ("::1", 0))
     server = trioserve.TCPServer(("127.0.0.1", 0), Echo, extra_addresses=extra)
     async with serving(server):
@@ -184,7 +184,7 @@ async def test_requests_ready_on_several_listeners_at_once_are_all_served(
 # -- address families, and both families on one port -------------------------
 
 requires_ipv6 = pytest.mark.skipif(
-    not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)"
+    not ipv6_loopback_available(), reason="this machine has no IPv6 loopback (::1)"
 )
 
 

@@ -30,8 +30,8 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
-from test_cli import IO_TIMEOUT, assert_clean, ipv6_loopback_available, run_echo
-from test_server import serving
+from support.cli import IO_TIMEOUT, assert_clean, run_echo
+from support.servers import ipv6_loopback_available, serving
 
 import trioserve
 from trioserve._proxy import (

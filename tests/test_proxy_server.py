@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from support.haproxy import HAPROXY, free_port, run_haproxy, wait_for_port
-from support.servers import Echo, serving
+from support.haproxy import HAPROXY, run_haproxy, wait_for_port
+from support.servers import Echo, free_port, serving
 
 import trioserve
 from trioserve._proxy import build_v1, build_v2

@@ -46,8 +46,7 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
-from test_server import Echo, connect, open_fds, roundtrip, serving
-from test_tls import contexts
+from support.servers import Echo, connect, open_fds, roundtrip, serving, tls_contexts
 
 import trioserve
 
@@ -311,7 +310,7 @@ async def test_unix_echo_integrity_under_load(
 
 @pytest.mark.parametrize(("clients", "size"), params((20, 128 * 1024), (200, 2**20)))
 async def test_tls_echo_integrity_under_load(clients: int, size: int) -> None:
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     server = trioserve.TCPServer(("127.0.0.1", 0), ByteEcho, ssl_context=server_context)
 
     async def open_tls() -> trio.SSLStream[trio.SocketStream]:
@@ -532,7 +531,7 @@ async def test_clients_that_stop_reading_are_timed_out_and_freed(
 ) -> None:
     stuck = 20
     before = open_fds()
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     server = CountingTCPServer(
         ("127.0.0.1", 0), Firehose, ssl_context=server_context if tls else None
     )
@@ -666,7 +665,7 @@ async def test_peers_that_reset_are_logged_at_debug_and_counted(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="trioserve")
     each = 10 if tls else 50
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     server = CountingTCPServer(
         ("127.0.0.1", 0), BigReply, ssl_context=server_context if tls else None
     )
@@ -1069,7 +1068,7 @@ async def test_garbage_instead_of_tls_or_proxy_header_is_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="trioserve")
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     rng = random.Random(7)
     tls = CountingTCPServer(("127.0.0.1", 0), Echo, ssl_context=server_context)
     proxied = CountingTCPServer(
@@ -1376,7 +1375,7 @@ async def test_a_connection_that_sent_nothing_does_not_hold_up_shutdown(
     kind: str, autojump_clock: trio.testing.MockClock
 ) -> None:
     # A port scanner, a load balancer's TCP check, a browser's preconnect.
-    server_context, _ = contexts()
+    server_context, _ = tls_contexts()
     choices: dict[str, dict[str, Any]] = {
         "plain": {},
         "tls": {"ssl_context": server_context},

@@ -34,14 +34,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cli import (
-    PROMPT_EXIT,
-    Process,
-    assert_clean,
-    run_echo,
-    running,
-)
-from test_proxy_server import HAPROXY, check_haproxy_config, free_port, wait_for_port
+from support.cli import PROMPT_EXIT, Process, assert_clean, run_echo, running
+from support.haproxy import HAPROXY, check_haproxy_config, wait_for_port
+from support.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "deploy" / "haproxy-scale-out.cfg"

@@ -27,7 +27,7 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
-from support import one_way_stream
+from support.servers import one_way_stream
 from trio.testing import wait_all_tasks_blocked
 
 import trioserve

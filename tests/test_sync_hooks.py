@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import assert_clean, run_echo
+from support.cli import assert_clean, run_echo
 
 import trioserve
 from trioserve._server import empty_hook

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 import trio
-from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
-from test_server import _has_ipv6_loopback
+from support.cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
+from support.servers import ipv6_loopback_available
 
 import trioserve
 
@@ -394,7 +394,7 @@ def make_every_interface_pid_echo() -> list[trioserve.BaseServer]:
     return [trioserve.TCPServer(("", 0), PidEcho)]
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
 async def test_workers_serve_both_families_of_an_empty_host_on_one_port() -> None:
     # Each worker binds its own SO_REUSEPORT socket on 0.0.0.0 and on ::,
     # on the port the supervisor's first bind got.

@@ -12,13 +12,6 @@ from pathlib import Path
 HAPROXY = shutil.which("haproxy")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def check_haproxy_config(config: Path, env: Mapping[str, str] | None = None) -> None:
     """``haproxy -c``: a bad configuration fails with HAProxy's own words."""
     assert HAPROXY is not None

@@ -19,8 +19,10 @@ import trustme
 
 import trioserve
 
-# Bounds a read that a passing test sees end; generous for a busy machine.
-READ_TIMEOUT = 30.0
+# Bounds a read that a passing test sees end. Long, as it must outlast the
+# server's own timeouts in virtual time too (under ``autojump_clock``); in
+# real time pytest's timeout comes first.
+READ_TIMEOUT = 600.0
 
 
 class Echo(trioserve.StreamRequestHandler):
@@ -29,6 +31,13 @@ class Echo(trioserve.StreamRequestHandler):
     async def handle(self) -> None:
         async for line in self.rfile:
             await self.wfile.write(line)
+
+
+class DatagramEcho(trioserve.DatagramRequestHandler):
+    """Echoes each datagram back."""
+
+    async def handle(self) -> None:
+        await self.wfile.write(await self.rfile.read())
 
 
 @asynccontextmanager
@@ -91,6 +100,13 @@ def ipv6_loopback_available() -> bool:
     except OSError:
         return False
     return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
