@@ -375,8 +375,14 @@ def test_socket_activated_units_serve_across_restart() -> None:
         with start() as service:
             kinds = sorted(kind for kind, _, _ in service.listeners(len(sockets)))
             assert kinds == ["TCP", "UDP"]
-            tcp_echo(*stream.getsockname(), b"socket activated\n")
-            udp_echo(*datagram.getsockname(), b"socket activated")
+            tcp_echo(
+                stream.getsockname()[0], stream.getsockname()[1], b"socket activated\n"
+            )
+            udp_echo(
+                datagram.getsockname()[0],
+                datagram.getsockname()[1],
+                b"socket activated",
+            )
             rc, _, stderr = service.stop(signal.SIGTERM, timeout=PROMPT_EXIT)
         assert rc == 0, stderr
         assert_clean(stderr)

@@ -56,7 +56,7 @@ def run(name: str, *args: str) -> contextlib.AbstractContextManager[Example]:
 
 def listeners(example: Example, count: int) -> list[tuple[str, Any]]:
     """Read ``count`` listening lines; ``[(kind, address), ...]`` in order."""
-    found = []
+    found: list[tuple[str, Any]] = []
     while len(found) < count:
         line = example.stdout.next_line()
         assert line is not None, f"exited early: {example.stderr.join()!r}"

@@ -82,7 +82,7 @@ def proxied_udp_server(
     return trioserve.UDPServer(
         (host, 0),
         handler,
-        proxy_protocol=mode,  # type: ignore[arg-type]
+        proxy_protocol=mode,
         trusted_proxies=list(trusted),
     )
 
@@ -483,7 +483,7 @@ def test_datagram_servers_take_v2_and_refuse_v1() -> None:
         trioserve.UDPServer(
             ("127.0.0.1", 0),
             WhoAmI,
-            proxy_protocol=mode,  # type: ignore[arg-type]
+            proxy_protocol=mode,
             trusted_proxies=["127.0.0.1"],
         )
     trioserve.UnixDatagramServer(

@@ -8,7 +8,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import trio
@@ -571,13 +571,19 @@ async def test_counters_add_up() -> None:
 # -- datagrams ---------------------------------------------------------------
 
 
+class _LineFiles(Protocol):
+    """What EchoLines needs of the handler it is mixed into."""
+
+    @property
+    def rfile(self) -> trioserve.AsyncBufferedReader: ...
+    @property
+    def wfile(self) -> trioserve.AsyncBufferedWriter | trioserve.AsyncPacketWriter: ...
+
+
 class EchoLines:
     """One handle() body for streams and datagrams, as CONTRACT.md promises."""
 
-    rfile: trioserve.AsyncBufferedReader
-    wfile: trioserve.AsyncBufferedWriter | trioserve.AsyncPacketWriter
-
-    async def handle(self) -> None:
+    async def handle(self: _LineFiles) -> None:
         async for line in self.rfile:
             await self.wfile.write(line.upper())
 
@@ -949,7 +955,8 @@ async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited(
 
         async def verify(request: Any, client_address: Any) -> bool:
             calls.append(("verify", request[0]))
-            return request[0] != b"no\n"
+            data: bytes = request[0]
+            return data != b"no\n"
 
         async def shutdown_request(request: Any) -> None:
             calls.append(("shutdown", request[0]))

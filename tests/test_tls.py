@@ -205,7 +205,7 @@ async def test_max_concurrent_requests_still_bounds_handlers_under_tls() -> None
         )
         async with tls:
             await tls.send_all(b"done\n")
-            replies.append(await tls.receive_some())
+            replies.append(bytes(await tls.receive_some()))
 
     with trio.fail_after(20):
         async with serving(server), trio.open_nursery() as clients:

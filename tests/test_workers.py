@@ -89,7 +89,7 @@ def serve_workers(
 
 def worker_pids(cli: EchoCLI, count: int) -> dict[int, int]:
     """Worker number -> pid, from the first ``count`` start-up lines."""
-    pids = {}
+    pids: dict[int, int] = {}
     while len(pids) < count:
         match = STARTED.search(cli.stderr.wait_for("started (pid"))
         assert match
@@ -346,6 +346,7 @@ class KeepaliveEcho(trioserve.StreamRequestHandler):
     from the listening socket it came from."""
 
     async def handle(self) -> None:
+        assert isinstance(self.connection, trio.SocketStream)
         sock = self.connection.socket
         keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
         async for line in self.rfile:

@@ -37,7 +37,10 @@ def run_haproxy(config: Path) -> subprocess.Popen[bytes]:
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], *, greeted: bool = False
+    port: int,
+    proc: subprocess.Popen[bytes] | subprocess.Popen[str],
+    *,
+    greeted: bool = False,
 ) -> None:
     """Wait until HAProxy listens on ``port``, probing it with connections.
 

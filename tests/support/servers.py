@@ -12,6 +12,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import trio
 import trio.testing
@@ -40,8 +41,11 @@ class DatagramEcho(trioserve.DatagramRequestHandler):
         await self.wfile.write(await self.rfile.read())
 
 
+ServerT = TypeVar("ServerT", bound=trioserve.BaseServer)
+
+
 @asynccontextmanager
-async def serving(server: trioserve.BaseServer) -> AsyncIterator[trioserve.BaseServer]:
+async def serving(server: ServerT) -> AsyncIterator[ServerT]:
     """Run ``server.serve_forever`` for the block; shut down and close after."""
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve_forever)
