@@ -35,14 +35,13 @@ from support.cli import (
     tcp_echo,
     udp_echo,
 )
+from support.examples import EXAMPLES, REPO
 from support.servers import free_port
 
 import trioserve
 from trioserve._server import REQUEST_CLOSE_TIMEOUT
 
-REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-EXAMPLES = REPO / "examples"
 DEPLOY = EXAMPLES / "deploy"
 SERVICE_UNIT = DEPLOY / "trioserve-echo.service"
 ACTIVATED_SOCKET_UNIT = DEPLOY / "socket-activation" / "trioserve-echo.socket"

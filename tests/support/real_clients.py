@@ -46,9 +46,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from support.cli import EXIT_TIMEOUT, IO_TIMEOUT, STARTUP_TIMEOUT, LineReader
+from support.examples import EXAMPLES
 
 TESTS = Path(__file__).resolve().parents[1]
-EXAMPLES = TESTS.parent / "examples"
 
 CLIENTS = 50
 # How long the load runs at full strength (every client has had a reply)
