@@ -1,6 +1,9 @@
 import collections
 import gc
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,20 @@ def _collect_garbage() -> Iterator[None]:
     # leaked it (warnings are errors in this suite).
     yield
     gc.collect()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path, under ``/tmp``.
+
+    For Unix sockets, whose paths are limited to 108 bytes, which pytest's
+    ``tmp_path`` may exceed.
+    """
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="ts-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from test_server import Echo, connect, roundtrip
+from support.servers import Echo, connect, roundtrip
 
 import trioserve
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo, running, tcp_echo
+from support.cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo, running, tcp_echo
 
+import trioserve
 from trioserve._cli import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -409,7 +410,9 @@ def test_default_timeouts_and_off(
     monkeypatch.syspath_prepend(str(workdir))
     for argv, timeout, idle_timeout in cases:
         [server] = _servers_for(parser.parse_args([*argv, "--tcp", ":0"]))
-        assert server.RequestHandlerClass.timeout == timeout, argv
+        handler = server.RequestHandlerClass
+        assert issubclass(handler, trioserve.StreamRequestHandler), argv
+        assert handler.timeout == timeout, argv
         assert server.idle_timeout == idle_timeout, argv
         assert server.request_timeout is None, argv
 

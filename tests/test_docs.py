@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import (
+from support.cli import (
     IO_TIMEOUT,
     PROMPT_EXIT,
     EchoCLI,
@@ -35,13 +35,13 @@ from test_cli import (
     tcp_echo,
     udp_echo,
 )
+from support.examples import EXAMPLES, REPO
+from support.servers import free_port
 
 import trioserve
 from trioserve._server import REQUEST_CLOSE_TIMEOUT
 
-REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-EXAMPLES = REPO / "examples"
 DEPLOY = EXAMPLES / "deploy"
 SERVICE_UNIT = DEPLOY / "trioserve-echo.service"
 ACTIVATED_SOCKET_UNIT = DEPLOY / "socket-activation" / "trioserve-echo.socket"
@@ -374,8 +374,14 @@ def test_socket_activated_units_serve_across_restart() -> None:
         with start() as service:
             kinds = sorted(kind for kind, _, _ in service.listeners(len(sockets)))
             assert kinds == ["TCP", "UDP"]
-            tcp_echo(*stream.getsockname(), b"socket activated\n")
-            udp_echo(*datagram.getsockname(), b"socket activated")
+            tcp_echo(
+                stream.getsockname()[0], stream.getsockname()[1], b"socket activated\n"
+            )
+            udp_echo(
+                datagram.getsockname()[0],
+                datagram.getsockname()[1],
+                b"socket activated",
+            )
             rc, _, stderr = service.stop(signal.SIGTERM, timeout=PROMPT_EXIT)
         assert rc == 0, stderr
         assert_clean(stderr)
@@ -429,13 +435,6 @@ def test_units_pass_systemd_analyze_verify(units: list[Path], tmp_path: Path) ->
 
 
 # -- README.md ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def connect_when_serving(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import EXIT_TIMEOUT, IO_TIMEOUT, ipv6_loopback_available
-from test_examples import (
+from support.cli import EXIT_TIMEOUT, IO_TIMEOUT
+from support.examples import (
     EXAMPLES,
     LISTENING_LINE,
     Example,
@@ -38,12 +37,13 @@ from test_examples import (
     parse_address,
     run_example,
 )
+from support.haproxy import HAPROXY, check_haproxy_config
+from support.servers import free_port, ipv6_loopback_available
 
 from trioserve._proxy import build_v1, build_v2
 
 PRODUCTION = EXAMPLES / "production"
 HAPROXY_CFG = EXAMPLES / "deploy" / "haproxy.cfg"
-HAPROXY = shutil.which("haproxy")
 
 # How far past a limit its effect may come: a loaded machine is slow, but a
 # limit that did not act at all would take far longer than this.
@@ -56,7 +56,7 @@ def run(name: str, *args: str) -> contextlib.AbstractContextManager[Example]:
 
 def listeners(example: Example, count: int) -> list[tuple[str, Any]]:
     """Read ``count`` listening lines; ``[(kind, address), ...]`` in order."""
-    found = []
+    found: list[tuple[str, Any]] = []
     while len(found) < count:
         line = example.stdout.next_line()
         assert line is not None, f"exited early: {example.stderr.join()!r}"
@@ -81,16 +81,6 @@ def closed(sock: socket.socket) -> bool:
         return sock.recv(100) == b""
     except ConnectionResetError:
         return True
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A temporary directory with a short path: Unix socket paths are limited."""
-    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="trioserve-prod-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- behind_haproxy -----------------------------------------------------------
@@ -130,12 +120,6 @@ def test_behind_haproxy_closes_peers_it_does_not_trust() -> None:
     assert "served 0, dropped 1" in stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def haproxy_config(send_proxy: str, directory: Path) -> Path:
     """examples/deploy/haproxy.cfg itself, or a copy using ``send_proxy``."""
     if send_proxy == "send-proxy-v2":
@@ -158,15 +142,7 @@ def running_haproxy(config: Path, front_port: int, backend: Any) -> Iterator[Non
         TRIOSERVE_FRONTEND=f"127.0.0.1:{front_port}",
         TRIOSERVE_BACKEND=show(backend),
     )
-    check = subprocess.run(
-        [HAPROXY, "-c", "-f", str(config)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    check_haproxy_config(config, env)
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
             [HAPROXY, "-db", "-f", str(config)],
@@ -215,9 +191,9 @@ def connect_when_listening(address: tuple[str, int]) -> socket.socket:
 )
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 def test_behind_a_real_haproxy_the_handler_sees_the_real_client(
-    send_proxy: str, sock_dir: Path
+    send_proxy: str, short_tmp: Path
 ) -> None:
-    config = haproxy_config(send_proxy, sock_dir)
+    config = haproxy_config(send_proxy, short_tmp)
     with run("behind_haproxy", "--port", "0") as example:
         [(_, backend)] = listeners(example, 1)
         front = ("127.0.0.1", free_port())
@@ -246,9 +222,9 @@ def test_behind_a_real_haproxy_the_handler_sees_the_real_client(
 
 
 def test_many_listeners_share_one_bound_one_shutdown_and_one_stats(
-    sock_dir: Path,
+    short_tmp: Path,
 ) -> None:
-    unix_path = str(sock_dir / "many.sock")
+    unix_path = str(short_tmp / "many.sock")
     ipv6 = ipv6_loopback_available()
     count = 3 if ipv6 else 2
     # One slot per listener: a request on each fills the bound.
@@ -284,8 +260,8 @@ def test_many_listeners_share_one_bound_one_shutdown_and_one_stats(
     assert not Path(unix_path).exists(), "the socket file was left behind"
 
 
-def test_many_listeners_idle_listeners_hold_no_slots(sock_dir: Path) -> None:
-    unix_path = str(sock_dir / "many.sock")
+def test_many_listeners_idle_listeners_hold_no_slots(short_tmp: Path) -> None:
+    unix_path = str(short_tmp / "many.sock")
     args = ["--port", "0", "--ipv6-host", "", "--unix", unix_path]
     with run("many_listeners", *args, "--max-requests", "2") as example:
         tcp, _ = (address for _, address in listeners(example, 2))
@@ -300,8 +276,8 @@ def test_many_listeners_idle_listeners_hold_no_slots(sock_dir: Path) -> None:
             example.stop()
 
 
-def test_many_listeners_without_ipv6(sock_dir: Path) -> None:
-    unix_path = str(sock_dir / "many.sock")
+def test_many_listeners_without_ipv6(short_tmp: Path) -> None:
+    unix_path = str(short_tmp / "many.sock")
     args = ["--port", "0", "--ipv6-host", "", "--unix", unix_path]
     with run("many_listeners", *args) as example:
         found = listeners(example, 2)

@@ -19,24 +19,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-import support
 import trio
 import trio.testing
+from support import servers
+from support.servers import Echo
 
 import trioserve
 
 IO_TIMEOUT = 10
 
 
-class LineEcho(trioserve.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
 @pytest.fixture(scope="module", name="tls_contexts")
 def tls_contexts_fixture() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    return support.tls_contexts()
+    return servers.tls_contexts()
 
 
 @asynccontextmanager
@@ -142,13 +137,11 @@ def make_server(
     if kind == "unix":
         # Short, as Unix socket paths must be; the server removes the file.
         path = f"/tmp/trioserve-close-{os.getpid()}.sock"
-        return trioserve.UnixStreamServer(path, LineEcho), None
+        return trioserve.UnixStreamServer(path, Echo), None
     if kind == "tls":
-        server = trioserve.TCPServer(
-            ("127.0.0.1", 0), LineEcho, ssl_context=server_context
-        )
+        server = trioserve.TCPServer(("127.0.0.1", 0), Echo, ssl_context=server_context)
         return server, client_context
-    return trioserve.TCPServer(("127.0.0.1", 0), LineEcho), None
+    return trioserve.TCPServer(("127.0.0.1", 0), Echo), None
 
 
 @pytest.mark.parametrize("kind", ["tcp", "unix", "tls"])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, running, tcp_echo, udp_echo
-from test_server import Echo, connect, roundtrip, serving
+from support.cli import IO_TIMEOUT, EchoCLI, assert_clean, running, tcp_echo, udp_echo
+from support.servers import Echo, connect, roundtrip, serving
 
 import trioserve
 
@@ -86,8 +86,14 @@ def test_cli_serves_inherited_file_descriptors() -> None:
         with running(EchoCLI, argv, pass_fds=(tcp.fileno(), udp.fileno())) as cli:
             kinds = {kind for kind, _, _ in cli.listeners(2)}
             assert kinds == {"TCP", "UDP"}
-            tcp_echo(*tcp.getsockname(), b"over an inherited fd\n")
-            udp_echo(*udp.getsockname(), b"datagram over an inherited fd")
+            tcp_echo(
+                tcp.getsockname()[0], tcp.getsockname()[1], b"over an inherited fd\n"
+            )
+            udp_echo(
+                udp.getsockname()[0],
+                udp.getsockname()[1],
+                b"datagram over an inherited fd",
+            )
             stop_cleanly(cli)
 
 

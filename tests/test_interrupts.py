@@ -49,7 +49,9 @@ async def test_an_interrupt_with_an_error_stays_a_group(
         async def service_actions(self) -> None:
             raise KeyboardInterrupt
 
-        async def get_request(self) -> Any:
+        async def get_request(
+            self, listener: trio.socket.SocketType | None = None
+        ) -> tuple[Any, Any]:
             with trio.CancelScope(shield=True):
                 await trio.sleep(1)
             raise RuntimeError("accept failed")

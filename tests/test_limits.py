@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from test_server import Echo, connect, roundtrip, serving
+from support.servers import Echo, connect, read_to_eof, roundtrip, serving
 
 import trioserve
-
-
-async def read_to_eof(stream: trio.SocketStream) -> bytes:
-    data = b""
-    with trio.fail_after(600):
-        while chunk := await stream.receive_some():
-            data += chunk
-    return data
 
 
 async def test_request_timeout_cancels_the_handler_and_reports_timeout_error(

@@ -30,8 +30,8 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
-from test_cli import IO_TIMEOUT, assert_clean, ipv6_loopback_available, run_echo
-from test_server import serving
+from support.cli import IO_TIMEOUT, assert_clean, run_echo
+from support.servers import ipv6_loopback_available, serving
 
 import trioserve
 from trioserve._proxy import (
@@ -82,7 +82,7 @@ def proxied_udp_server(
     return trioserve.UDPServer(
         (host, 0),
         handler,
-        proxy_protocol=mode,  # type: ignore[arg-type]
+        proxy_protocol=mode,
         trusted_proxies=list(trusted),
     )
 
@@ -483,7 +483,7 @@ def test_datagram_servers_take_v2_and_refuse_v1() -> None:
         trioserve.UDPServer(
             ("127.0.0.1", 0),
             WhoAmI,
-            proxy_protocol=mode,  # type: ignore[arg-type]
+            proxy_protocol=mode,
             trusted_proxies=["127.0.0.1"],
         )
     trioserve.UnixDatagramServer(

@@ -6,18 +6,16 @@ import contextlib
 import functools
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import textwrap
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from test_server import serving
+from support.haproxy import HAPROXY, run_haproxy, wait_for_port
+from support.servers import Echo, free_port, serving
 
 import trioserve
 from trioserve._proxy import build_v1, build_v2
@@ -178,12 +176,6 @@ async def test_a_proxy_that_sends_no_header_times_out(
     assert server.stats.dropped == 1
 
 
-class Echo(trioserve.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
 async def test_a_proxied_client_yet_to_speak_gets_the_grace_period() -> None:
     # Behind a proxy a new connection stands for a client that has just
     # connected; its first line may be a round trip behind the header. A
@@ -231,67 +223,12 @@ def test_options_are_checked() -> None:
 
 # -- a real HAProxy in front -------------------------------------------------
 
-HAPROXY = shutil.which("haproxy")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 @pytest.fixture
 def haproxy_config_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="tshap"))
     yield path
     shutil.rmtree(path)
-
-
-def check_haproxy_config(config: Path, env: Mapping[str, str] | None = None) -> None:
-    """``haproxy -c``: a bad configuration fails with HAProxy's own words."""
-    assert HAPROXY is not None
-    check = subprocess.run(
-        [HAPROXY, "-c", "-f", str(config)],
-        capture_output=True,
-        timeout=30,
-        check=False,
-        env=env,
-    )
-    assert check.returncode == 0, check.stderr + check.stdout
-
-
-def run_haproxy(config: Path) -> subprocess.Popen[bytes]:
-    assert HAPROXY is not None
-    check_haproxy_config(config)
-    return subprocess.Popen(
-        [HAPROXY, "-db", "-f", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], *, greeted: bool = False
-) -> None:
-    """Wait until HAProxy listens on ``port``, probing it with connections.
-
-    With ``greeted``, the backend's handler speaks first, and a probe waits
-    for its first byte before it hangs up: then HAProxy has surely relayed
-    the probe whole, PROXY header and all. A probe that hangs up at once may
-    make HAProxy abandon its backend connection before the header, which the
-    server counts in ``stats.dropped``.
-    """
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
-                if greeted:
-                    assert probe.recv(1)
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"HAProxy never listened on {port}")
 
 
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt haproxy)")

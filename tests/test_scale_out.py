@@ -30,21 +30,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-from pathlib import Path
 
 import pytest
 import trio
-from test_cli import (
-    PROMPT_EXIT,
-    Process,
-    assert_clean,
-    run_echo,
-    running,
-)
-from test_proxy_server import HAPROXY, check_haproxy_config, free_port, wait_for_port
+from support.cli import PROMPT_EXIT, Process, assert_clean, run_echo, running
+from support.examples import EXAMPLES
+from support.haproxy import HAPROXY, check_haproxy_config, wait_for_port
+from support.servers import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "examples" / "deploy" / "haproxy-scale-out.cfg"
+CONFIG = EXAMPLES / "deploy" / "haproxy-scale-out.cfg"
 # The config's server names, in the order of their TRIOSERVE_BACKEND variables.
 SERVER_NAMES = ("app1", "app2")
 

@@ -5,60 +5,24 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import trio
 import trio.testing
+from support.servers import (
+    Echo,
+    connect,
+    ipv6_loopback_available,
+    open_fds,
+    roundtrip,
+    serving,
+)
 
 import trioserve
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-class Echo(trioserve.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
-@asynccontextmanager
-async def serving(server: trioserve.BaseServer) -> AsyncIterator[trioserve.BaseServer]:
-    """Run ``server.serve_forever`` for the block; shut down and close after."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve_forever)
-        try:
-            yield server
-        finally:
-            with trio.fail_after(10):
-                await server.shutdown()
-                await server.server_close()
-
-
-async def connect(server: trioserve.BaseServer) -> trio.SocketStream:
-    host, port = server.server_address[:2]
-    return await trio.open_tcp_stream(host, port)
-
-
-async def roundtrip(stream: trio.SocketStream, line: bytes) -> bytes:
-    """Send ``line`` (if any); return what comes back up to a newline or EOF."""
-    if line:
-        await stream.send_all(line)
-    received = b""
-    with trio.fail_after(5):
-        while not received.endswith(b"\n"):
-            chunk = await stream.receive_some()
-            if not chunk:
-                break
-            received += chunk
-    return received
-
 
 # -- binding -----------------------------------------------------------------
 
@@ -167,16 +131,7 @@ def test_address_family_from_address() -> None:
     assert V6Server(("", 0), Echo).address_family == socket.AF_INET6
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
 async def test_ipv6_echo() -> None:
     async with serving(trioserve.TCPServer(("::1", 0), Echo)) as server:
         assert server.server_address[0] == "::1"
@@ -616,13 +571,19 @@ async def test_counters_add_up() -> None:
 # -- datagrams ---------------------------------------------------------------
 
 
+class _LineFiles(Protocol):
+    """What EchoLines needs of the handler it is mixed into."""
+
+    @property
+    def rfile(self) -> trioserve.AsyncBufferedReader: ...
+    @property
+    def wfile(self) -> trioserve.AsyncBufferedWriter | trioserve.AsyncPacketWriter: ...
+
+
 class EchoLines:
     """One handle() body for streams and datagrams, as CONTRACT.md promises."""
 
-    rfile: trioserve.AsyncBufferedReader
-    wfile: trioserve.AsyncBufferedWriter | trioserve.AsyncPacketWriter
-
-    async def handle(self) -> None:
+    async def handle(self: _LineFiles) -> None:
         async for line in self.rfile:
             await self.wfile.write(line.upper())
 
@@ -994,7 +955,8 @@ async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited(
 
         async def verify(request: Any, client_address: Any) -> bool:
             calls.append(("verify", request[0]))
-            return request[0] != b"no\n"
+            data: bytes = request[0]
+            return data != b"no\n"
 
         async def shutdown_request(request: Any) -> None:
             calls.append(("shutdown", request[0]))

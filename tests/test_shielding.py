@@ -166,7 +166,8 @@ async def test_a_datagram_reply_that_must_wait_for_room_is_still_sent(
     # so the reply waits for room, in a scope cancelled all along. It must
     # neither be cancelled nor trip over the cancellation it saw before its
     # shield went up (as Trio's own sendto would: it checks first).
-    server_sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    raw_server_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server_sock = trio.socket.from_stdlib_socket(raw_server_sock)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     with server_sock, client:
         await server_sock.bind(str(tmp_path / "server"))
@@ -178,10 +179,14 @@ async def test_a_datagram_reply_that_must_wait_for_room_is_still_sent(
         filler = 0
         with contextlib.suppress(BlockingIOError):
             while True:  # until the client's receive queue is full
-                server_sock._sock.sendto(b"filler", str(tmp_path / "client"))
+                raw_server_sock.sendto(b"filler", str(tmp_path / "client"))
                 filler += 1
         handler = trioserve.DatagramRequestHandler(
-            (b"reply", server_sock), str(tmp_path / "client"), server=None
+            (b"reply", server_sock),
+            str(tmp_path / "client"),
+            server=trioserve.UnixDatagramServer(
+                str(tmp_path / "unused"), trioserve.DatagramRequestHandler
+            ),
         )
         await handler.setup()
         await handler.wfile.write(b"reply")

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
 import trio
 import trio.testing
-from test_server import Echo, connect, roundtrip, serving
+from support.servers import Echo, connect, open_fds, read_to_eof, roundtrip, serving
 
 import trioserve
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class Tracked(trioserve.StreamRequestHandler):
@@ -39,14 +34,6 @@ class Tracked(trioserve.StreamRequestHandler):
 
 def tracked() -> type[Tracked]:
     return type("TrackedHandler", (Tracked,), {"events": []})
-
-
-async def read_to_eof(stream: trio.SocketStream) -> bytes:
-    data = b""
-    with trio.fail_after(60):
-        while chunk := await stream.receive_some():
-            data += chunk
-    return data
 
 
 async def read_then_close(stream: trio.SocketStream, received: list[bytes]) -> None:

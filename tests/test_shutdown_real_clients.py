@@ -41,11 +41,10 @@ import time
 from pathlib import Path
 
 import pytest
-import real_clients
 import trustme
-from real_clients import (
+from support.cli import EXIT_TIMEOUT, IO_TIMEOUT
+from support.real_clients import (
     CLIENTS,
-    EXIT_TIMEOUT,
     HTTP,
     RESP,
     Outcome,
@@ -237,7 +236,7 @@ def test_datagrams_in_flight_at_sigterm_all_get_their_reply() -> None:
 
     def client(number: int, address: tuple[str, int]) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(real_clients.IO_TIMEOUT)
+            sock.settimeout(IO_TIMEOUT)
             sock.connect(address)
             try:
                 while True:
@@ -252,23 +251,23 @@ def test_datagrams_in_flight_at_sigterm_all_get_their_reply() -> None:
             except OSError as exc:
                 errors.append(exc)
 
-    with real_clients.serving("SlowDatagramEcho", listener="--udp") as server:
+    with serving("SlowDatagramEcho", listener="--udp") as server:
         threads = [
             threading.Thread(target=client, args=(n, server.address), daemon=True)
             for n in range(clients)
         ]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + real_clients.IO_TIMEOUT
+        deadline = time.monotonic() + IO_TIMEOUT
         while any(answered < 2 for _, answered in counts):
             assert time.monotonic() < deadline, counts
             time.sleep(0.01)
         with sending:
             stop = True
             server.proc.send_signal(signal.SIGTERM)
-        status = server.proc.wait(timeout=real_clients.EXIT_TIMEOUT)
+        status = server.proc.wait(timeout=EXIT_TIMEOUT)
         for thread in threads:
-            thread.join(real_clients.IO_TIMEOUT)
+            thread.join(IO_TIMEOUT)
         written = server.replies_written()
     assert status == 0, server.stderr.join()
     assert errors == []

@@ -20,14 +20,14 @@ import itertools
 import socket as stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
-from support import one_way_stream
+from support.servers import one_way_stream
 from trio.testing import wait_all_tasks_blocked
 
 import trioserve
@@ -384,12 +384,17 @@ async def test_last_line_of_exactly_max_line_length_without_newline(
             assert await reader.readline() == line
 
 
+class _Sizes(TypedDict, total=False):
+    receive_size: int
+    max_line_length: int
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"receive_size": 0}, {"max_line_length": 0}],
     ids=["receive_size", "max_line_length"],
 )
-async def test_sizes_below_one_are_rejected(kwargs: dict[str, int]) -> None:
+async def test_sizes_below_one_are_rejected(kwargs: _Sizes) -> None:
     near, _ = trio.testing.memory_stream_pair()
     with pytest.raises(ValueError, match="must be at least 1"):
         AsyncBufferedReader(near, **kwargs)

@@ -8,10 +8,10 @@ import tempfile
 import textwrap
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import pytest
-from test_cli import assert_clean, run_echo
+from support.cli import assert_clean, run_echo
 
 import trioserve
 from trioserve._server import empty_hook
@@ -71,13 +71,17 @@ def test_a_hook_made_plain_after_definition_is_refused_by_the_server() -> None:
         LateServer(("127.0.0.1", 0), trioserve.StreamRequestHandler)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
 def _passes_through(
-    function: Callable[..., Coroutine[Any, Any, None]],
-) -> Callable[..., Coroutine[Any, Any, None]]:
+    function: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """A decorator whose wrapper is a plain def that returns the coroutine."""
 
     @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, None]:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
         return function(*args, **kwargs)
 
     return wrapper

@@ -12,17 +12,14 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from support import tls_contexts
-from test_server import Echo, serving
+from support.servers import Echo, serving, tls_contexts
 
 import trioserve
 from trioserve._proxy import build_v2
 
-contexts = tls_contexts
-
 
 async def test_tls_echo_and_connection_type() -> None:
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     kinds: list[type] = []
 
     class Probe(Echo):
@@ -48,7 +45,7 @@ async def test_tls_echo_and_connection_type() -> None:
 async def test_a_client_that_does_not_speak_tls_fails_only_its_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     server = trioserve.TCPServer(("127.0.0.1", 0), Echo, ssl_context=server_context)
     async with serving(server):
         host, port = server.server_address
@@ -77,7 +74,7 @@ async def test_a_client_that_does_not_speak_tls_fails_only_its_request(
 async def test_a_client_that_never_speaks_is_dropped_after_handshake_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server_context, _ = contexts()
+    server_context, _ = tls_contexts()
     server = trioserve.TCPServer(
         ("127.0.0.1", 0), Echo, ssl_context=server_context, handshake_timeout=3
     )
@@ -139,7 +136,7 @@ async def test_silent_connections_do_not_hold_up_an_established_client(
     # More silent connections than max_concurrent_requests: they hold no
     # request slot while in their handshake, so a real client is served at
     # once, not after handshake_timeout. (Used to take the whole timeout.)
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     slots, handshake_timeout = 2, 4.0
     options: dict[str, object] = {}
     if proxied:
@@ -175,7 +172,7 @@ async def test_silent_connections_do_not_hold_up_an_established_client(
 async def test_max_concurrent_requests_still_bounds_handlers_under_tls() -> None:
     # Prepared connections wait for a request slot; accepting stops once
     # max_concurrent_handshakes connections are prepared or waiting.
-    server_context, client_context = contexts()
+    server_context, client_context = tls_contexts()
     running = 0
     most = 0
     release = trio.Event()
@@ -208,7 +205,7 @@ async def test_max_concurrent_requests_still_bounds_handlers_under_tls() -> None
         )
         async with tls:
             await tls.send_all(b"done\n")
-            replies.append(await tls.receive_some())
+            replies.append(bytes(await tls.receive_some()))
 
     with trio.fail_after(20):
         async with serving(server), trio.open_nursery() as clients:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import stat
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from support.servers import DatagramEcho, Echo
 
 import trioserve
 
@@ -26,18 +25,6 @@ IO_TIMEOUT = 5.0
 pytestmark = pytest.mark.skipif(
     not hasattr(socket, "AF_UNIX"), reason="needs Unix sockets"
 )
-
-
-class Echo(trioserve.StreamRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
-
-
-class DatagramEcho(trioserve.DatagramRequestHandler):
-    async def handle(self) -> None:
-        async for line in self.rfile:
-            await self.wfile.write(line)
 
 
 class RecordingServer(trioserve.UnixStreamServer):
@@ -53,17 +40,6 @@ class RecordAddress(trioserve.StreamRequestHandler):
         assert isinstance(self.server, RecordingServer)
         self.server.client_addresses.append(self.client_address)
         await self.wfile.write(b"recorded\n")
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    # Under /tmp, not pytest's tmp_path: AF_UNIX paths are limited to 108
-    # bytes and tmp_path can be longer than that.
-    path = tempfile.mkdtemp(dir="/tmp", prefix="ts-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @asynccontextmanager
@@ -139,8 +115,8 @@ def is_socket_file(path: str) -> bool:
 # -- echo ------------------------------------------------------------------
 
 
-async def test_unix_stream_echo(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
+async def test_unix_stream_echo(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
     server = trioserve.UnixStreamServer(path, Echo)
     async with serving(server) as address:
         assert address == path
@@ -154,8 +130,8 @@ async def test_unix_stream_echo(sock_dir: str) -> None:
     assert server.stats.failed == 0
 
 
-async def test_unix_stream_echo_concurrent_clients(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
+async def test_unix_stream_echo_concurrent_clients(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
     server = trioserve.UnixStreamServer(path, Echo)
     async with serving(server):
         with trio.fail_after(IO_TIMEOUT):
@@ -170,37 +146,37 @@ async def test_unix_stream_echo_concurrent_clients(sock_dir: str) -> None:
                 assert await first.receive_some() == b"first\n"
 
 
-async def test_unix_stream_accepts_path_like_and_bytes(sock_dir: str) -> None:
-    for address in (Path(sock_dir) / "p", os.fsencode(os.path.join(sock_dir, "b"))):
+async def test_unix_stream_accepts_path_like_and_bytes(short_tmp: Path) -> None:
+    for address in (Path(short_tmp) / "p", os.fsencode(os.path.join(short_tmp, "b"))):
         server = trioserve.UnixStreamServer(address, Echo)
         async with serving(server):
             await stream_echo(address, b"path-like\n")
         assert not exists(address)
 
 
-async def test_unix_datagram_echo(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "d")
+async def test_unix_datagram_echo(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "d")
     server = trioserve.UnixDatagramServer(path, DatagramEcho)
     async with serving(server) as address:
         assert address == path
         assert is_socket_file(path)
-        await datagram_echo(path, os.path.join(sock_dir, "c1"), b"hello\n")
-        await datagram_echo(path, os.path.join(sock_dir, "c2"), b"a\nb\nno newline")
+        await datagram_echo(path, os.path.join(short_tmp, "c1"), b"hello\n")
+        await datagram_echo(path, os.path.join(short_tmp, "c2"), b"a\nb\nno newline")
     assert server.stats.completed == 2
     assert server.stats.failed == 0
     assert not exists(path)
 
 
 async def test_unix_datagram_unbound_client_gets_no_reply_and_no_error(
-    sock_dir: str,
+    short_tmp: Path,
 ) -> None:
-    path = os.path.join(sock_dir, "d")
+    path = os.path.join(short_tmp, "d")
     server = trioserve.UnixDatagramServer(path, DatagramEcho)
     async with serving(server):
         with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unbound:
             await unbound.sendto(b"nobody to answer\n", path)
         # The server goes on serving a client that did bind.
-        await datagram_echo(path, os.path.join(sock_dir, "c"), b"still here\n")
+        await datagram_echo(path, os.path.join(short_tmp, "c"), b"still here\n")
     # shutdown() waited for both requests: neither failed.
     assert server.stats.accepted == 2
     assert server.stats.completed == 2
@@ -211,9 +187,9 @@ async def test_unix_datagram_unbound_client_gets_no_reply_and_no_error(
 
 
 async def test_server_close_removes_socket_file_and_is_idempotent(
-    sock_dir: str,
+    short_tmp: Path,
 ) -> None:
-    path = os.path.join(sock_dir, "s")
+    path = os.path.join(short_tmp, "s")
     server = trioserve.UnixStreamServer(path, Echo)
     assert not exists(path)  # construction does no I/O
     async with server:
@@ -224,12 +200,12 @@ async def test_server_close_removes_socket_file_and_is_idempotent(
     assert not exists(path)
 
 
-async def test_server_close_after_serving_removes_socket_file(sock_dir: str) -> None:
+async def test_server_close_after_serving_removes_socket_file(short_tmp: Path) -> None:
     for cls, handler, name in (
         (trioserve.UnixStreamServer, Echo, "s"),
         (trioserve.UnixDatagramServer, DatagramEcho, "d"),
     ):
-        path = os.path.join(sock_dir, name)
+        path = os.path.join(short_tmp, name)
         server = cls(path, handler)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve_forever)
@@ -242,8 +218,8 @@ async def test_server_close_after_serving_removes_socket_file(sock_dir: str) -> 
         await server.server_close()
 
 
-async def test_bind_and_activate_false_still_manages_the_file(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
+async def test_bind_and_activate_false_still_manages_the_file(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
     make_stale_socket_file(path, socket.SOCK_STREAM)
     server = trioserve.UnixStreamServer(path, Echo, bind_and_activate=False)
     try:
@@ -256,8 +232,8 @@ async def test_bind_and_activate_false_still_manages_the_file(sock_dir: str) -> 
     assert not exists(path)
 
 
-async def test_stale_stream_socket_file_is_replaced(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
+async def test_stale_stream_socket_file_is_replaced(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
     make_stale_socket_file(path, socket.SOCK_STREAM)
     server = trioserve.UnixStreamServer(path, Echo)
     async with serving(server):
@@ -266,17 +242,17 @@ async def test_stale_stream_socket_file_is_replaced(sock_dir: str) -> None:
     assert not exists(path)
 
 
-async def test_stale_datagram_socket_file_is_replaced(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "d")
+async def test_stale_datagram_socket_file_is_replaced(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "d")
     make_stale_socket_file(path, socket.SOCK_DGRAM)
     server = trioserve.UnixDatagramServer(path, DatagramEcho)
     async with serving(server):
-        await datagram_echo(path, os.path.join(sock_dir, "c"), b"stale gone\n")
+        await datagram_echo(path, os.path.join(short_tmp, "c"), b"stale gone\n")
     assert not exists(path)
 
 
-async def test_live_trioserve_server_keeps_its_path(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
+async def test_live_trioserve_server_keeps_its_path(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
     live = trioserve.UnixStreamServer(path, Echo)
     async with serving(live):
         inode = os.stat(path).st_ino
@@ -295,8 +271,8 @@ async def test_live_trioserve_server_keeps_its_path(sock_dir: str) -> None:
     assert not exists(path)
 
 
-async def test_live_trioserve_server_blocks_serve_forever_too(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
+async def test_live_trioserve_server_blocks_serve_forever_too(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
     live = trioserve.UnixStreamServer(path, Echo)
     async with serving(live):
         intruder = trioserve.UnixStreamServer(path, Echo)
@@ -308,8 +284,8 @@ async def test_live_trioserve_server_blocks_serve_forever_too(sock_dir: str) -> 
         await stream_echo(path, b"unharmed\n")
 
 
-async def test_live_plain_listener_keeps_its_path(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
+async def test_live_plain_listener_keeps_its_path(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
         listener.listen()
@@ -338,8 +314,8 @@ async def test_live_plain_listener_keeps_its_path(sock_dir: str) -> None:
             assert data == b"hello listener"
 
 
-async def test_live_plain_datagram_socket_keeps_its_path(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "d")
+async def test_live_plain_datagram_socket_keeps_its_path(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "d")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as owner:
         owner.bind(path)
         owner.settimeout(IO_TIMEOUT)
@@ -355,12 +331,12 @@ async def test_live_plain_datagram_socket_keeps_its_path(sock_dir: str) -> None:
         assert owner.recv(100) == b"for the owner"
 
 
-async def test_regular_file_at_path_is_left_alone(sock_dir: str) -> None:
+async def test_regular_file_at_path_is_left_alone(short_tmp: Path) -> None:
     for cls, handler in (
         (trioserve.UnixStreamServer, Echo),
         (trioserve.UnixDatagramServer, DatagramEcho),
     ):
-        path = os.path.join(sock_dir, "precious")
+        path = os.path.join(short_tmp, "precious")
         write_bytes(path, b"do not delete me")
         server = cls(path, handler)
         with pytest.raises(OSError, match=r".") as excinfo:
@@ -373,9 +349,9 @@ async def test_regular_file_at_path_is_left_alone(sock_dir: str) -> None:
 
 
 async def test_server_close_keeps_a_file_that_replaced_its_own(
-    sock_dir: str,
+    short_tmp: Path,
 ) -> None:
-    path = os.path.join(sock_dir, "s")
+    path = os.path.join(short_tmp, "s")
     server = trioserve.UnixStreamServer(path, Echo)
     async with serving(server):
         os.unlink(path)
@@ -385,9 +361,9 @@ async def test_server_close_keeps_a_file_that_replaced_its_own(
 
 
 async def test_server_close_keeps_the_socket_of_a_newer_server(
-    sock_dir: str,
+    short_tmp: Path,
 ) -> None:
-    path = os.path.join(sock_dir, "s")
+    path = os.path.join(short_tmp, "s")
     old = trioserve.UnixStreamServer(path, Echo)
     async with old:
         # Someone removes the old server's file and starts a new server there.
@@ -401,20 +377,20 @@ async def test_server_close_keeps_the_socket_of_a_newer_server(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
-async def test_abstract_namespace_has_no_file(sock_dir: str) -> None:
-    name = "\0trioserve-test-" + os.path.basename(sock_dir)
+async def test_abstract_namespace_has_no_file(short_tmp: Path) -> None:
+    name = "\0trioserve-test-" + os.path.basename(short_tmp)
     server = trioserve.UnixStreamServer(name, Echo)
     async with serving(server):
         await stream_echo(name, b"abstract\n")
-    assert os.listdir(sock_dir) == []
+    assert os.listdir(short_tmp) == []
 
 
 # -- client_address ----------------------------------------------------------
 
 
-async def test_client_address_of_unix_stream_connections(sock_dir: str) -> None:
-    path = os.path.join(sock_dir, "s")
-    client_path = os.path.join(sock_dir, "c")
+async def test_client_address_of_unix_stream_connections(short_tmp: Path) -> None:
+    path = os.path.join(short_tmp, "s")
+    client_path = os.path.join(short_tmp, "c")
     server = RecordingServer(path, RecordAddress)
     async with serving(server):
         with trio.fail_after(IO_TIMEOUT):

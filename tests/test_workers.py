@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 import trio
-from test_cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
-from test_server import _has_ipv6_loopback
+from support.cli import IO_TIMEOUT, EchoCLI, assert_clean, run_echo
+from support.servers import ipv6_loopback_available
 
 import trioserve
 
@@ -89,7 +89,7 @@ def serve_workers(
 
 def worker_pids(cli: EchoCLI, count: int) -> dict[int, int]:
     """Worker number -> pid, from the first ``count`` start-up lines."""
-    pids = {}
+    pids: dict[int, int] = {}
     while len(pids) < count:
         match = STARTED.search(cli.stderr.wait_for("started (pid"))
         assert match
@@ -346,6 +346,7 @@ class KeepaliveEcho(trioserve.StreamRequestHandler):
     from the listening socket it came from."""
 
     async def handle(self) -> None:
+        assert isinstance(self.connection, trio.SocketStream)
         sock = self.connection.socket
         keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
         async for line in self.rfile:
@@ -394,7 +395,7 @@ def make_every_interface_pid_echo() -> list[trioserve.BaseServer]:
     return [trioserve.TCPServer(("", 0), PidEcho)]
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
 async def test_workers_serve_both_families_of_an_empty_host_on_one_port() -> None:
     # Each worker binds its own SO_REUSEPORT socket on 0.0.0.0 and on ::,
     # on the port the supervisor's first bind got.

@@ -2,7 +2,7 @@
 
 A support module for the tests of graceful shutdown as clients meet it:
 
-- :func:`serving` starts ``python -m trioserve serve counting_handlers:NAME``
+- :func:`serving` starts ``python -m trioserve serve support.counting_handlers:NAME``
   (see :mod:`counting_handlers`: the examples' handlers, counting the replies
   they write) on a free port, with TLS and worker processes if asked.
 - :func:`load_then_terminate` runs ``CLIENTS`` keep-alive clients against it,
@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import errno
 import os
-import queue
 import random
 import re
 import shutil
@@ -46,15 +45,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-EXAMPLES = TESTS.parent / "examples"
+from support.cli import EXIT_TIMEOUT, IO_TIMEOUT, STARTUP_TIMEOUT, LineReader
+from support.examples import EXAMPLES
+
+TESTS = Path(__file__).resolve().parents[1]
 
 CLIENTS = 50
-# Generous bounds, for a loaded 2-core machine: one socket operation, the
-# server's start, and its exit after SIGTERM (past the default 5 s grace).
-IO_TIMEOUT = 5.0
-STARTUP_TIMEOUT = 10.0
-EXIT_TIMEOUT = 10.0
 # How long the load runs at full strength (every client has had a reply)
 # before SIGTERM, so the signal lands with requests in every state.
 LOAD_BEFORE_SIGNAL = 0.3
@@ -72,46 +68,14 @@ SERVING_LINE = re.compile(
 # -- the server ----------------------------------------------------------------
 
 
-class _Lines:
-    """A pipe read line by line in a thread, so waits can have a timeout."""
-
-    def __init__(self, pipe: object) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(pipe,), daemon=True)
-        self._thread.start()
-
-    def _run(self, pipe: Iterator[str]) -> None:
-        for line in pipe:
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {pattern.pattern!r} in {timeout} s") from None
-            if line is None:
-                raise AssertionError(f"no {pattern.pattern!r} before end of output")
-            if match := pattern.match(line):
-                return match
-
-    def join(self) -> str:
-        self._thread.join(timeout=IO_TIMEOUT)
-        return "".join(self.lines)
-
-
 @dataclasses.dataclass
 class Server:
     """A running ``python -m trioserve serve``."""
 
     proc: subprocess.Popen[str]
     address: tuple[str, int]
-    stdout: _Lines
-    stderr: _Lines
+    stdout: LineReader
+    stderr: LineReader
     # Where each of its processes writes how many replies it wrote.
     counts: Path
 
@@ -137,12 +101,18 @@ def serving(
     workers: int | None = None,
     listener: str = "--tcp",
 ) -> Iterator[Server]:
-    """Serve ``counting_handlers:<handler>`` on a free port; kill it on the way out.
+    """Serve ``support.counting_handlers:<handler>`` on a free port; kill it after.
 
     ``tls`` is a ``(certificate, key)`` pair of PEM files; ``listener`` is
     ``--tcp`` or ``--udp``.
     """
-    argv = [sys.executable, "-m", "trioserve", "serve", f"counting_handlers:{handler}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "trioserve",
+        "serve",
+        f"support.counting_handlers:{handler}",
+    ]
     argv += [listener, "127.0.0.1:0"]
     if tls is not None:
         argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
@@ -161,9 +131,11 @@ def serving(
         text=True,
     )
     try:
-        stdout, stderr = _Lines(proc.stdout), _Lines(proc.stderr)
+        stdout, stderr = LineReader(proc.stdout), LineReader(proc.stderr)
         try:
-            match = stdout.wait_for(SERVING_LINE, STARTUP_TIMEOUT)
+            line = stdout.wait_for("trioserve: serving", STARTUP_TIMEOUT)
+            match = SERVING_LINE.match(line)
+            assert match is not None, line
         except AssertionError as exc:
             proc.kill()
             raise AssertionError(f"{exc}; stderr: {stderr.join()}") from None

@@ -1,6 +1,6 @@
 """The examples' handlers, counting the replies they write, for real-client tests.
 
-Served by ``python -m trioserve serve counting_handlers:HTTPHandler`` (or
+Served by ``python -m trioserve serve support.counting_handlers:HTTPHandler`` (or
 ``:RESPHandler``) run from ``tests/`` with ``examples/`` on ``PYTHONPATH``;
 :mod:`real_clients` starts it so.
 
@@ -21,7 +21,7 @@ import os
 import http_keepalive
 import resp_store
 import trio
-from real_clients import COUNTS_DIRECTORY
+from support.real_clients import COUNTS_DIRECTORY
 
 import trioserve
 
