@@ -28,10 +28,9 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-_Function = TypeVar("_Function", bound=Callable[..., Coroutine[Any, Any, None]])
+from ._plan import SHIELDABLE, mark
 
-# The functions marked below.
-_DEFERRABLE: set[object] = set()
+_Function = TypeVar("_Function", bound=Callable[..., Coroutine[Any, Any, None]])
 
 # What next() returns for a coroutine that finished in its first step.
 _FINISHED: Final = object()
@@ -47,8 +46,7 @@ def shieldable_from_first_wait(function: _Function) -> _Function:
     are not covered: a subclass's ``finish()`` is shielded from the start
     unless it is marked too.
     """
-    _DEFERRABLE.add(function)
-    return function
+    return mark(function, SHIELDABLE)
 
 
 @types.coroutine
@@ -92,7 +90,9 @@ def start_shielded(
     finishes in its first step, and then the coroutine that
     :func:`await_shielded` is costs a datagram 4% of its handling.
     """
-    if getattr(function, "__func__", function) in _DEFERRABLE:
+    # is_marked(function, SHIELDABLE), without a call on the hot path.
+    inner = getattr(function, "__func__", function)
+    if getattr(inner, SHIELDABLE, None) is inner:
         coroutine = function(*args)
         # The first step runs here, in this task, exactly as the first step
         # of ``await coroutine`` would. next() with a default tells a
