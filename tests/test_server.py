@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -293,6 +294,85 @@ async def test_verify_request_sees_client_address() -> None:
         async with await connect(server) as client:
             assert await roundtrip(client, b"a\n") == b"a\n"
             assert seen == [client.socket.getsockname()]
+
+
+async def test_a_hook_wrapping_a_default_one_is_still_awaited() -> None:
+    # functools.wraps copies the default hook's attributes, the marks that
+    # let the server skip it among them; the wrapper must not pass for the
+    # hook it wraps.
+    calls: list[str] = []
+
+    def logged(hook: Any) -> Any:
+        @functools.wraps(hook)
+        async def wrapper(*args: Any) -> Any:
+            calls.append(hook.__name__)
+            return await hook(*args)
+
+        return wrapper
+
+    class Logged(trioserve.TCPServer):
+        verify_request = logged(trioserve.TCPServer.verify_request)
+        process_request = logged(trioserve.TCPServer.process_request)
+        finish_request = logged(trioserve.TCPServer.finish_request)
+        shutdown_request = logged(trioserve.TCPServer.shutdown_request)
+
+    async with serving(Logged(("127.0.0.1", 0), Echo)) as server:
+        async with await connect(server) as client:
+            assert await roundtrip(client, b"a\n") == b"a\n"
+    # Serving has ended, so the request has been shut down.
+    assert calls == [
+        "verify_request",
+        "process_request",
+        "finish_request",
+        "shutdown_request",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "counter", "level", "phrase"),
+    [
+        (
+            trio.BrokenResourceError("reset"),
+            "disconnected",
+            logging.DEBUG,
+            "connection lost mid-request from",
+        ),
+        (TimeoutError("slow"), "timed_out", logging.INFO, "request timed out from"),
+        (
+            trioserve.LineTooLong("long"),
+            "failed",
+            logging.WARNING,
+            "line too long from",
+        ),
+        (RuntimeError("bug"), "failed", logging.ERROR, "exception while handling"),
+    ],
+)
+async def test_an_error_from_verify_request_is_counted_as_it_is_logged(
+    error: Exception,
+    counter: str,
+    level: int,
+    phrase: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One table classifies what ends a request, for the counters and for
+    # handle_error's log line alike, whichever hook raised it.
+    class Raising(trioserve.TCPServer):
+        async def verify_request(self, request: object, client_address: object) -> bool:
+            raise error
+
+    caplog.set_level(logging.DEBUG, logger="trioserve")
+    async with serving(Raising(("127.0.0.1", 0), Echo)) as server:
+        async with await connect(server) as client:
+            with trio.fail_after(5):
+                assert await client.receive_some() == b""
+    counts = {
+        name: getattr(server.stats, name)
+        for name in ("failed", "timed_out", "disconnected")
+    }
+    assert counts == {name: int(name == counter) for name in counts}
+    [record] = [r for r in caplog.records if phrase in r.getMessage()]
+    assert record.levelno == level
+    assert (record.exc_info is not None) == (level == logging.ERROR)
 
 
 async def test_service_actions_run_every_poll_interval(

@@ -14,7 +14,7 @@ import pytest
 from support.cli import assert_clean, run_echo
 
 import trioserve
-from trioserve._server import empty_hook
+from trioserve._plan import skippable
 from trioserve._shielding import shieldable_from_first_wait
 
 # The contract's list of the server hooks that a server awaits.
@@ -89,7 +89,8 @@ def _passes_through(
 
 def test_async_hooks_count_as_async_however_they_are_decorated() -> None:
     # The library's own servers and handlers, whose hooks are marked by
-    # @empty_hook and @shieldable_from_first_wait, and users' decorated ones.
+    # @skippable, @forwarding and @shieldable_from_first_wait, and users'
+    # decorated ones.
     for server_class, handler_class in [
         (trioserve.TCPServer, trioserve.StreamRequestHandler),
         (trioserve.UDPServer, trioserve.DatagramRequestHandler),
@@ -113,7 +114,7 @@ def test_async_hooks_count_as_async_however_they_are_decorated() -> None:
             pass
 
     class DecoratedServer(trioserve.TCPServer):
-        @empty_hook
+        @skippable
         async def close_request(self, request: Any) -> None:
             pass
 

@@ -94,7 +94,8 @@ class BaseRequestHandler:
     #: a datagram echo: the server then runs it inline, in its accept loop,
     #: without a task of its own. That is much cheaper per request, but
     #: requests are then handled one at a time, so a handler that waits on
-    #: anything else must leave this False.
+    #: anything else must leave this False. The server reads it when serving
+    #: starts, and when its ``RequestHandlerClass`` is set.
     inline: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -118,8 +119,17 @@ class BaseRequestHandler:
         """Clean up after :meth:`handle`. Does nothing by default."""
 
 
-async def run_handler(handler: BaseRequestHandler) -> None:
-    """Await ``setup``, ``handle`` and ``finish`` with the guarantees above."""
+async def run_handler(
+    handler_class: type[BaseRequestHandler],
+    server: BaseServer,
+    request: Any,
+    client_address: Any,
+) -> None:
+    """Make a ``handler_class`` for the request and await its lifecycle.
+
+    ``setup``, ``handle`` and ``finish``, with the guarantees above.
+    """
+    handler = handler_class(request, client_address, server)
     await handler.setup()
     try:
         await handler.handle()

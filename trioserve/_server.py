@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from enum import Enum
+from functools import partial
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -18,10 +19,20 @@ import attrs
 import trio
 
 from ._handlers import HANDLER_HOOKS, BaseRequestHandler, check_async_hooks, run_handler
-from ._shielding import await_shielded
+from ._plan import (
+    FORWARDING,
+    SKIPPABLE,
+    RequestPlan,
+    classify,
+    count_error,
+    forwarding,
+    is_marked,
+    skippable,
+    within_deadline,
+)
+from ._shielding import await_shielded, start_shielded
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
-from ._streams import LineTooLong
 from ._warning_limiter import WarningLimiter
 
 if sys.version_info < (3, 11):
@@ -91,44 +102,6 @@ class _Default(Enum):
 
 
 _ServerT = TypeVar("_ServerT", bound="BaseServer")
-_Hook = TypeVar("_Hook", bound=Callable[..., Awaitable[None]])
-
-# Hooks whose body is empty. The server skips those that are not overridden:
-# shutting a datagram down through them, shielded, took 0.5 µs of the 7 µs
-# its whole handling takes.
-_EMPTY_HOOKS: set[object] = set()
-
-
-def empty_hook(hook: _Hook) -> _Hook:
-    """Mark a hook that does nothing, for the server to skip it."""
-    _EMPTY_HOOKS.add(hook)
-    return hook
-
-
-def _is_default(hook: Callable[..., Any], default: Callable[..., Any]) -> bool:
-    """Whether ``hook``, a server's bound hook, is ``default`` itself.
-
-    False for an override, whether in a subclass or set on the instance.
-    """
-    return getattr(hook, "__func__", None) is default
-
-
-def _is_empty(hook: Callable[..., Any]) -> bool:
-    """Whether ``hook``, a server's bound hook, is one marked :func:`empty_hook`."""
-    return getattr(hook, "__func__", None) in _EMPTY_HOOKS
-
-
-# What _Serving.look_up_hooks looks at.
-_PER_REQUEST_HOOKS: Final = frozenset(
-    {
-        "verify_request",
-        "process_request",
-        "finish_request",
-        "shutdown_request",
-        "close_request",
-        "RequestHandlerClass",
-    }
-)
 
 # The server's hooks, all awaited: a plain def for any of them is refused.
 SERVER_HOOKS: Final = (
@@ -166,18 +139,15 @@ class _Serving:
 
     nursery: trio.Nursery
     finished: trio.Event
-    # Taken before each accept, given back when the request is done: the
-    # backpressure bound. Usually max_concurrent_requests; see handler_slots.
+    # Taken before each accept, given back when the request is done (or
+    # traded, see RequestPlan.take_slot): the backpressure bound.
+    # max_concurrent_requests, or max_concurrent_handshakes where requests
+    # are prepared apart (see BaseServer._preparing_limit).
     slots: trio.Semaphore | None
-    # Whether requests go through _prepare_request: see _prepares_requests.
-    prepares: bool
-    # Whether a prepared request trades its slot for one of handler_slots:
-    # see _preparing_limit. Then slots bounds the requests being prepared
-    # (and those waiting for a handler slot), and handler_slots, the
-    # max_concurrent_requests bound, those past it. A client slow to shake
-    # hands then never keeps an established one from its handler.
-    prepares_apart: bool = False
-    handler_slots: trio.Semaphore | None = None
+    # Where requests are prepared apart: the max_concurrent_requests bound,
+    # taken once prepared. A client slow to shake hands then never keeps an
+    # established one from its handler.
+    request_slots: trio.Semaphore | None = None
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Requests in flight per peer host, kept only under a per-peer limit.
     peers: dict[Any, int] = attrs.Factory(dict)
@@ -186,36 +156,8 @@ class _Serving:
     # Requests accepted by listeners that lost a race to another (see
     # _first_request), waiting for their turn.
     pending: list[tuple[Any, Any]] = attrs.Factory(list)
-    # What the hot path does instead of awaiting a hook that, as it stands,
-    # does nothing (skips_*) or does just that (the rest): see look_up_hooks.
-    # False, the safe value, awaits the hook.
-    skips_verify: bool = False
-    skips_close: bool = False
-    # process_request would await _request_task.
-    runs_inline: bool = False
-    # finish_request would await run_handler on a new handler.
-    runs_handler: bool = False
-
-    def look_up_hooks(self, server: BaseServer) -> None:
-        """Note which of ``server``'s per-request hooks the hot path may skip.
-
-        Looked up as serving starts, and again whenever one is set on the
-        server (see ``BaseServer.__setattr__``). Each coroutine skipped
-        saves a datagram 3 to 4% of its handling.
-        """
-        self.skips_verify = _is_default(
-            server.verify_request, BaseServer.verify_request
-        )
-        self.skips_close = _is_default(
-            server.shutdown_request, BaseServer.shutdown_request
-        ) and _is_empty(server.close_request)
-        self.runs_inline = (
-            _is_default(server.process_request, BaseServer.process_request)
-            and server.RequestHandlerClass.inline
-        )
-        self.runs_handler = _is_default(
-            server.finish_request, BaseServer.finish_request
-        )
+    # What each request goes through; set once the server has made it.
+    plan: RequestPlan = attrs.field(init=False)
 
     def admit_peer(self, client_address: Any, limit: int) -> bool:
         """Count the request against its peer; False if the peer is at ``limit``."""
@@ -229,32 +171,23 @@ class _Serving:
         return True
 
     def release_slot(self) -> None:
-        """Give back a ``max_concurrent_requests`` slot."""
+        """Give back a slot taken before an accept."""
         if self.slots is not None:
             self.slots.release()
 
     async def trade_slot(self) -> trio.Semaphore | None:
-        """Trade a prepared request's slot for a handler slot; return the new one.
+        """Trade a prepared request's slot for a request slot; return the new one.
 
-        Waits, still holding the old slot, for a handler slot to be free.
+        Waits, still holding the old slot, for a request slot to be free.
         """
-        if self.handler_slots is not None:
-            await self.handler_slots.acquire()
+        if self.request_slots is not None:
+            await self.request_slots.acquire()
         self.release_slot()
-        return self.handler_slots
+        return self.request_slots
 
-    def release(
-        self,
-        client_address: Any,
-        slot: trio.Semaphore | _Default | None = DEFAULT,
-    ) -> None:
-        """Give back what an admitted request held: its slot and its peer count.
-
-        ``slot`` is the one it holds, if :meth:`trade_slot` changed it.
-        """
-        if slot is DEFAULT:
-            self.release_slot()
-        elif slot is not None:
+    def release(self, client_address: Any, slot: trio.Semaphore | None) -> None:
+        """Give back what an admitted request held: ``slot`` and its peer count."""
+        if slot is not None:
             slot.release()
         if not self.peers:
             return
@@ -263,15 +196,6 @@ class _Serving:
             count = self.peers.pop(peer) - 1
             if count:
                 self.peers[peer] = count
-
-
-# What peers cause in the normal run of a public server, and how the default
-# handle_error reports each: one line at this level, no traceback.
-_PEER_ERRORS: Final = (
-    (trio.BrokenResourceError, logging.DEBUG, "connection lost mid-request from"),
-    (TimeoutError, logging.INFO, "request timed out from"),
-    (LineTooLong, logging.WARNING, "line too long from"),
-)
 
 
 # How many of the requests a shutdown cancelled its warning names.
@@ -295,27 +219,6 @@ def _report_cut_off(client_addresses: list[Any]) -> None:
         counted(count, "request"),
         named,
     )
-
-
-def _consists_of(error: BaseException, kind: type[BaseException]) -> bool:
-    """Whether ``error`` is a ``kind``, or a group of nothing but ``kind``s.
-
-    A handler's own nursery wraps what its tasks raise in an exception group,
-    so a reset seen by a relay task arrives as a group of one.
-    """
-    if isinstance(error, BaseExceptionGroup):
-        return error.split(kind)[1] is None
-    return isinstance(error, kind)
-
-
-def _count_failure(stats: ServerStats, error: Exception) -> None:
-    """Count a request that ``error`` ended: timed out, disconnected or failed."""
-    if _consists_of(error, TimeoutError):
-        stats.timed_out += 1
-    elif _consists_of(error, trio.BrokenResourceError):
-        stats.disconnected += 1
-    else:
-        stats.failed += 1
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -453,10 +356,12 @@ class BaseServer:
         super().__setattr__(name, value)
         # A hook set on the server while it serves is awaited from the next
         # request on, as in socketserver, which looks hooks up every time.
-        if name in _PER_REQUEST_HOOKS:
+        if name in RequestPlan.SOURCES:
             serving = getattr(self, "_serving", None)
             if serving is not None:
-                serving.look_up_hooks(self)
+                serving.plan = self._plan_requests(
+                    serving, trades_slot=serving.plan.take_slot is not None
+                )
 
     async def __aenter__(self: _ServerT) -> _ServerT:
         await self._ensure_activated()
@@ -575,9 +480,9 @@ class BaseServer:
             raise RuntimeError(f"{self!r} is already serving")
         await self._ensure_activated()
         slots = None if max_concurrent is None else trio.Semaphore(max_concurrent)
-        handler_slots = None
+        request_slots = None
         if max_preparing is not DEFAULT:
-            handler_slots = slots
+            request_slots = slots
             slots = None if max_preparing is None else trio.Semaphore(max_preparing)
         finished = trio.Event()
         enclosing = _ENCLOSING_SERVERS.set((*_ENCLOSING_SERVERS.get(), self))
@@ -585,15 +490,11 @@ class BaseServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._shutdown_signal = ShutdownSignal(self.drain_window, self.stats)
-                self._serving = serving = _Serving(
-                    nursery,
-                    finished,
-                    slots,
-                    self._prepares_requests(),
-                    prepares_apart=max_preparing is not DEFAULT,
-                    handler_slots=handler_slots,
+                serving = _Serving(nursery, finished, slots, request_slots)
+                serving.plan = self._plan_requests(
+                    serving, trades_slot=max_preparing is not DEFAULT
                 )
-                serving.look_up_hooks(self)
+                self._serving = serving
                 try:
                     yield serving
                 finally:
@@ -749,6 +650,7 @@ class BaseServer:
         # Like socketserver's _handle_request_noblock: whatever happens, a
         # request that was not handed to a request task is shut down here.
         self.stats.accepted += 1
+        plan = serving.plan
         limit = self.max_connections_per_peer
         if limit is not None and not serving.admit_peer(client_address, limit):
             self.stats.rejected += 1
@@ -758,56 +660,42 @@ class BaseServer:
             return
         handed_off = False
         try:
-            if serving.skips_verify or await self.verify_request(
-                request, client_address
-            ):
-                if serving.runs_inline:
-                    await self._request_task(serving, request, client_address)
-                else:
-                    await self.process_request(request, client_address)
+            if plan.verify is None or await plan.verify(request, client_address):
+                await plan.process(request, client_address)
                 handed_off = True
             else:
                 self.stats.rejected += 1
-        except Exception:
-            self.stats.failed += 1
+        except Exception as exc:
+            count_error(self.stats, exc)
             await self.handle_error(request, client_address)
         finally:
             if not handed_off:
                 await self._close_request(request)
-                serving.release(client_address)
+                serving.release(client_address, serving.slots)
 
     async def _request_task(
         self, serving: _Serving, request: Any, client_address: Any
     ) -> None:
+        """A request's run: the steps of ``serving.plan`` from ``prepare`` on."""
+        plan = serving.plan
         stats = self.stats
         stats.active += 1
         # What the peer limit counted, before a PROXY header may change it.
         connected_from = client_address
-        # The slot this request holds (see _Serving.prepares_apart).
-        slot: trio.Semaphore | _Default | None = DEFAULT
+        slot = serving.slots
         try:
-            if serving.prepares:
-                prepared = await self._prepare_request(request, client_address)
+            if plan.prepare is not None:
+                prepared = await plan.prepare(request, client_address)
                 if prepared is None:
                     stats.dropped += 1
                     return
                 request, client_address = prepared
-                if serving.prepares_apart:
-                    slot = await serving.trade_slot()
-            timeout = self.request_timeout
-            if timeout is None and serving.runs_handler:
-                # Neither through _finish_within_deadline nor finish_request:
-                # two coroutines fewer on the stack of every idle connection.
-                await run_handler(
-                    self.RequestHandlerClass(request, client_address, self)
-                )
-            elif timeout is None:
-                await self.finish_request(request, client_address)
-            else:
-                await self._finish_within_deadline(request, client_address, timeout)
+                if plan.take_slot is not None:
+                    slot = await plan.take_slot()
+            await plan.handle(request, client_address)
             stats.completed += 1
         except Exception as exc:
-            _count_failure(stats, exc)
+            count_error(stats, exc)
             await self.handle_error(request, client_address)
         except BaseException:
             stats.cancelled += 1
@@ -816,16 +704,55 @@ class BaseServer:
             raise
         finally:
             stats.active -= 1
-            # Shutting a datagram down, say, would do nothing.
-            if not serving.skips_close:
-                await self._close_request(request)
+            close = plan.close
+            if close is not None:
+                # What _close_request does, without a coroutine of its own.
+                rest = start_shielded(close, request, timeout=REQUEST_CLOSE_TIMEOUT)
+                if rest is not None:
+                    await rest
             serving.release(connected_from, slot)
+
+    async def _start_request_task(
+        self, serving: _Serving, request: Any, client_address: Any
+    ) -> None:
+        serving.nursery.start_soon(self._request_task, serving, request, client_address)
+
+    def _plan_requests(self, serving: _Serving, *, trades_slot: bool) -> RequestPlan:
+        """Decide what each request goes through, from the hooks as they are now.
+
+        ``trades_slot``: whether a prepared request trades its slot for a
+        ``max_concurrent_requests`` one (see :meth:`_preparing_limit`).
+        """
+        # Why skip and forward: see benchmarks/README.md, "Measured costs
+        # behind the code: skipped hooks".
+        if self.RequestHandlerClass.inline:
+            run = partial(self._request_task, serving)
+        else:
+            run = partial(self._start_request_task, serving)
+        handle = self.finish_request
+        if is_marked(handle, FORWARDING):
+            handle = partial(run_handler, self.RequestHandlerClass, self)
+        if self.request_timeout is not None:
+            handle = partial(within_deadline, handle, self.request_timeout)
+        close = self.shutdown_request
+        if is_marked(close, FORWARDING):
+            close = self.close_request
+        verify = self.verify_request
+        process = self.process_request
+        return RequestPlan(
+            verify=None if is_marked(verify, SKIPPABLE) else verify,
+            process=run if is_marked(process, FORWARDING) else process,
+            run=run,
+            prepare=self._prepare_request if self._prepares_requests() else None,
+            take_slot=serving.trade_slot if trades_slot else None,
+            handle=handle,
+            close=None if is_marked(close, SKIPPABLE) else close,
+        )
 
     def _prepares_requests(self) -> bool:
         """Whether requests need :meth:`_prepare_request`, asked as serving starts.
 
-        False skips it, which saves a datagram about 0.3 µs. Here there is
-        nothing to prepare.
+        False skips it. Here there is nothing to prepare.
         """
         return False
 
@@ -834,8 +761,9 @@ class BaseServer:
 
         DEFAULT, as here, where preparing does not wait: a request holds one
         ``max_concurrent_requests`` slot from accept on. Otherwise requests
-        being prepared hold a slot of their own, bounded by this (None: no
-        bound), and take a ``max_concurrent_requests`` slot once prepared.
+        are prepared apart: those being prepared hold a slot of their own,
+        bounded by this (None: no bound), and take a
+        ``max_concurrent_requests`` slot once prepared.
         """
         return DEFAULT
 
@@ -852,18 +780,12 @@ class BaseServer:
         """
         return request, client_address
 
-    async def _finish_within_deadline(
-        self, request: Any, client_address: Any, timeout: float
-    ) -> None:
-        with trio.move_on_after(timeout) as deadline:
-            await self.finish_request(request, client_address)
-        if deadline.cancelled_caught:
-            raise TimeoutError(f"request not done within request_timeout ({timeout} s)")
-
     async def _close_request(self, request: Any) -> None:
-        await await_shielded(
-            self.shutdown_request, request, timeout=REQUEST_CLOSE_TIMEOUT
-        )
+        """Close a request that never reached its run, as the plan says."""
+        serving = self._serving
+        close = self.shutdown_request if serving is None else serving.plan.close
+        if close is not None:
+            await await_shielded(close, request, timeout=REQUEST_CLOSE_TIMEOUT)
 
     # -- shutdown ----------------------------------------------------------
 
@@ -918,10 +840,12 @@ class BaseServer:
         """Wait for the next request; return ``(request, client_address)``."""
         raise NotImplementedError
 
+    @skippable
     async def verify_request(self, request: Any, client_address: Any) -> bool:
         """Return False to close the request unhandled. True by default."""
         return True
 
+    @forwarding
     async def process_request(self, request: Any, client_address: Any) -> None:
         """Start handling the request in a task of its own.
 
@@ -934,22 +858,19 @@ class BaseServer:
         serving = self._serving
         if serving is None:
             raise RuntimeError("process_request() is only called while serving")
-        if self.RequestHandlerClass.inline:
-            await self._request_task(serving, request, client_address)
-        else:
-            serving.nursery.start_soon(
-                self._request_task, serving, request, client_address
-            )
+        await serving.plan.run(request, client_address)
 
+    @forwarding
     async def finish_request(self, request: Any, client_address: Any) -> None:
         """Handle the request: make the handler and run its lifecycle."""
-        await run_handler(self.RequestHandlerClass(request, client_address, self))
+        await run_handler(self.RequestHandlerClass, self, request, client_address)
 
+    @forwarding
     async def shutdown_request(self, request: Any) -> None:
         """Shut the request down and close it: :meth:`close_request` here."""
         await self.close_request(request)
 
-    @empty_hook
+    @skippable
     async def close_request(self, request: Any) -> None:
         """Clean up one request. Does nothing here."""
 
@@ -966,15 +887,16 @@ class BaseServer:
         (:exc:`~trioserve.LineTooLong`) at WARNING.
         """
         error = sys.exc_info()[1]
-        for kind, level, what in _PEER_ERRORS:
-            if error is not None and _consists_of(error, kind):
-                LOGGER.log(level, "%s %r: %s", what, client_address, error)
-                return
-        LOGGER.error(
-            "exception while handling the request from %r",
-            client_address,
-            exc_info=True,
-        )
+        kind = classify(error)
+        if kind.phrase is not None:
+            LOGGER.log(kind.level, "%s %r: %s", kind.phrase, client_address, error)
+        else:
+            LOGGER.log(
+                kind.level,
+                "exception while handling the request from %r",
+                client_address,
+                exc_info=True,
+            )
 
     async def handle_timeout(self) -> None:
         """Awaited when :meth:`handle_request` waited :attr:`timeout` in vain."""

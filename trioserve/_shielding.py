@@ -2,8 +2,9 @@
 
 Cleanup (a handler's ``finish()``, closing a request) must run to its end
 even while the server is being cancelled, so it runs in a shielded cancel
-scope. Entering and leaving a Trio cancel scope with a deadline costs about
-5 µs, as much as the rest of a datagram's handling, and most cleanup never
+scope. Entering and leaving a Trio cancel scope with a deadline costs as
+much as the rest of a datagram's handling (see benchmarks/README.md,
+"Measured costs behind the code: deferred shield"), and most cleanup never
 waits: a datagram handler's reply goes out at once, and a datagram has no
 connection to close. Cancellation is delivered only where a coroutine
 waits, so until its first wait a coroutine needs no shield. For a coroutine
@@ -12,7 +13,8 @@ to that wait (which, for most cleanup, is its end) and only then, if it
 waits at all, enters the shielded scope and lets it go on in there.
 
 Most coroutines are not plain in that sense, so the shield is deferred
-only for functions marked :func:`shieldable_from_first_wait`. One that
+only for functions marked :func:`shieldable_from_first_wait` (a function
+attribute, as the request plan's markers are: see ``_plan``). One that
 opens a cancel scope and waits inside it (``trio.sleep`` does) would have
 our shield nested inside its scope, and its scope would close first, which
 Trio refuses. One that looks at its cancellation before it waits (Trio's
@@ -28,10 +30,9 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-_Function = TypeVar("_Function", bound=Callable[..., Coroutine[Any, Any, None]])
+from ._plan import SHIELDABLE, mark
 
-# The functions marked below.
-_DEFERRABLE: set[object] = set()
+_Function = TypeVar("_Function", bound=Callable[..., Coroutine[Any, Any, None]])
 
 # What next() returns for a coroutine that finished in its first step.
 _FINISHED: Final = object()
@@ -47,8 +48,7 @@ def shieldable_from_first_wait(function: _Function) -> _Function:
     are not covered: a subclass's ``finish()`` is shielded from the start
     unless it is marked too.
     """
-    _DEFERRABLE.add(function)
-    return function
+    return mark(function, SHIELDABLE)
 
 
 @types.coroutine
@@ -90,9 +90,13 @@ def start_shielded(
 
     The hot path calls this rather than :func:`await_shielded`: most cleanup
     finishes in its first step, and then the coroutine that
-    :func:`await_shielded` is costs a datagram 4% of its handling.
+    :func:`await_shielded` is would be all it costs (see
+    benchmarks/README.md, "Measured costs behind the code: deferred
+    shield").
     """
-    if getattr(function, "__func__", function) in _DEFERRABLE:
+    # is_marked(function, SHIELDABLE), without a call on the hot path.
+    inner = getattr(function, "__func__", function)
+    if getattr(inner, SHIELDABLE, None) is inner:
         coroutine = function(*args)
         # The first step runs here, in this task, exactly as the first step
         # of ``await coroutine`` would. next() with a default tells a

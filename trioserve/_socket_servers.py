@@ -17,13 +17,14 @@ import trio
 
 from ._handlers import BaseRequestHandler
 from ._lingering import close_without_reset
+from ._plan import skippable
 from ._proxy import (
     ProxyHeaderParser,
     ProxyMode,
     ProxyProtocolError,
     parse_proxy_header,
 )
-from ._server import DEFAULT, BaseServer, _Default, _Serving, empty_hook
+from ._server import DEFAULT, BaseServer, _Default, _Serving
 from ._socketio import (
     Pacer,
     look_again_or_wait,
@@ -963,7 +964,7 @@ class UDPServer(TCPServer):
         client_address = sender if header.source is None else header.source
         return _RelayedDatagram(payload, sock, sender), client_address
 
-    @empty_hook
+    @skippable
     async def close_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
 
