@@ -21,9 +21,9 @@ import os
 import http_keepalive
 import resp_store
 import trio
-from support.real_clients import COUNTS_DIRECTORY
 
 import trioserve
+from support.real_clients import COUNTS_DIRECTORY
 
 _replies_written = 0
 
