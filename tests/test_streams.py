@@ -39,6 +39,8 @@ from trioserve import (
     LineTooLong,
 )
 from trioserve._shutdown import ShutdownSignal
+from trioserve._socketio import SocketIO
+from trioserve._streams import ServerReader
 
 # Comfortably more than a Unix socket pair's send and receive buffers
 # together, so a writer whose peer never reads is sure to block.
@@ -558,7 +560,7 @@ def new_signal(drain_window: float = 0.0) -> ShutdownSignal:
 async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         pending = Pending()
         nursery.start_soon(pending.run, reader.readline)
         await wait_all_tasks_blocked()
@@ -579,7 +581,7 @@ async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
 async def test_idle_async_for_ends_when_shutdown_starts() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         seen = []
 
         async def consume() -> None:
@@ -603,7 +605,7 @@ async def test_reader_returns_eof_at_once_if_shutdown_already_started(
     signal = new_signal()
     signal.start()
     async with socket_stream_pair() as (near, _far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         start = trio.current_time()
         # Under the autojump clock a reader that waited would let virtual
         # time pass (and hit fail_after); it must not wait at all.
@@ -617,7 +619,7 @@ async def test_reader_returns_eof_at_once_if_shutdown_already_started(
 async def test_reader_holding_half_a_line_keeps_waiting_after_shutdown() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         pending = Pending()
         nursery.start_soon(pending.run, reader.readline)
         await far.send_all(b"hal")
@@ -642,14 +644,14 @@ async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -
     # without trying a receive first; at shutdown it must still look.
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         in_buffer = where == "in the reader's buffer"
         await far.send_all(b"one\ntwo\n" if in_buffer else b"one\n")
         with trio.fail_after(HANG_LIMIT):
             assert await reader.readline() == b"one\n"
         if not in_buffer:
-            assert reader._io is not None
-            assert reader._io.drained
+            assert isinstance(reader._receiver, SocketIO)
+            assert reader._receiver.drained
             await far.send_all(b"two\n")
         signal.start()
         with trio.fail_after(HANG_LIMIT):
@@ -660,7 +662,7 @@ async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -
 async def test_reads_before_shutdown_leave_no_idle_scopes_behind() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         for i in range(3):
             await far.send_all(b"%d\n" % i)
             with trio.fail_after(HANG_LIMIT):
@@ -677,7 +679,7 @@ async def test_an_idle_reader_at_shutdown_serves_a_message_within_the_drain_wind
     # starts: it arrives within the window and is read, not thrown away.
     signal = new_signal(drain_window=1.0)
     async with one_way_stream(transport) as (send, receive):
-        reader = AsyncBufferedReader(receive, shutdown_signal=signal)
+        reader = ServerReader(receive, signal, first_bytes_idle=True)
         async with trio.open_nursery() as nursery:
             pending = Pending()
             nursery.start_soon(pending.run, reader.readline)
@@ -701,7 +703,7 @@ async def test_an_idle_reader_sees_eof_when_the_drain_window_ends(
 ) -> None:
     signal = new_signal(drain_window=0.25)
     async with one_way_stream(transport) as (_send, receive):
-        reader = AsyncBufferedReader(receive, shutdown_signal=signal, timeout=10)
+        reader = ServerReader(receive, signal, first_bytes_idle=True, timeout=10)
         async with trio.open_nursery() as nursery:
             pending = Pending()
             nursery.start_soon(pending.run, reader.readline)
@@ -720,7 +722,7 @@ async def test_a_reader_timeout_inside_the_drain_window_is_still_a_timeout(
 ) -> None:
     signal = new_signal(drain_window=5.0)
     async with socket_stream_pair() as (near, _far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal, timeout=1.0)
+        reader = ServerReader(near, signal, first_bytes_idle=True, timeout=1.0)
         signal.start()
         with pytest.raises(TimeoutError):
             await reader.readline()
@@ -1170,7 +1172,7 @@ async def test_idle_reader_on_a_stream_that_is_not_a_socket_leaves_at_shutdown()
     signal = new_signal()
     send, receive = trio.testing.memory_stream_one_way_pair()
     async with trio.open_nursery() as nursery:
-        reader = AsyncBufferedReader(receive, shutdown_signal=signal)
+        reader = ServerReader(receive, signal, first_bytes_idle=True)
         pending = Pending()
         nursery.start_soon(pending.run, reader.readline)
         await wait_all_tasks_blocked()
