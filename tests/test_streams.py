@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import inspect
 import itertools
 import socket as stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -547,6 +548,37 @@ async def test_concurrent_writes_raise_busy_resource_error() -> None:
         with pytest.raises(trio.BusyResourceError):
             await writer.flush()
         nursery.cancel_scope.cancel()
+
+
+def test_the_reader_takes_only_its_own_options() -> None:
+    # The server's rules (shutdown, whether a connection's first wait is
+    # idle) come with BaseServer.make_reader, not through the constructor.
+    parameters = inspect.signature(AsyncBufferedReader).parameters
+    assert list(parameters) == [
+        "stream",
+        "receive_size",
+        "max_line_length",
+        "timeout",
+        "idle_timeout",
+    ]
+
+
+async def test_timeouts_set_after_construction_apply_to_the_next_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with socket_stream_pair() as (near, _far):
+        reader = AsyncBufferedReader(near)
+        assert (reader.timeout, reader.idle_timeout) == (None, None)
+        reader.timeout = 2.0
+        start = trio.current_time()
+        with pytest.raises(TimeoutError), trio.fail_after(HANG_LIMIT):
+            await reader.readline()
+        assert trio.current_time() - start == pytest.approx(2.0)
+        reader.timeout, reader.idle_timeout = None, 1.0
+        start = trio.current_time()
+        with trio.fail_after(HANG_LIMIT):
+            assert await reader.readline() == b""
+        assert trio.current_time() - start == pytest.approx(1.0)
 
 
 # --- shutdown signal -----------------------------------------------------------------
