@@ -28,7 +28,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeVar, cast
 
 import trio
 
@@ -168,28 +168,6 @@ class WaitScopes(Protocol):
 _UNTIMED = contextlib.nullcontext()
 
 
-@overload
-async def receive_when_ready(
-    receive: Callable[[_Source, int], _Received | None],
-    source: _Source,
-    size: int,
-    sock: socket.socket,
-    pacer: Pacer | None,
-    scopes: None,
-) -> _Received: ...
-
-
-@overload
-async def receive_when_ready(
-    receive: Callable[[_Source, int], _Received | None],
-    source: _Source,
-    size: int,
-    sock: socket.socket,
-    pacer: Pacer | None,
-    scopes: WaitScopes,
-) -> _Received | None: ...
-
-
 async def receive_when_ready(
     receive: Callable[[_Source, int], _Received | None],
     source: _Source,
@@ -279,7 +257,11 @@ def receive_datagram(
     inner = stdlib_socket_of(sock)
     if inner is None:
         return sock.recvfrom(size + 1)
-    return receive_when_ready(_try_receive_from, inner, size + 1, inner, pacer, None)
+    datagram = receive_when_ready(
+        _try_receive_from, inner, size + 1, inner, pacer, None
+    )
+    # Without scopes the loop never gives up, so it never returns None.
+    return cast(Awaitable[tuple[bytes, Any]], datagram)
 
 
 def _try_peek(sock: socket.socket, size: int) -> bytes | None:
