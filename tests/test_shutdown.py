@@ -436,3 +436,41 @@ async def test_a_handler_reading_with_read1_leaves_within_the_drain_window(
         assert trio.current_time() - start == pytest.approx(server.drain_window)
     assert received == [b""]
     assert server.stats.completed == 1
+
+
+class OwnReader(trioserve.StreamRequestHandler):
+    """Echoes lines read through a reader of its own, from ``make_reader``."""
+
+    async def handle(self) -> None:
+        async for line in self.server.make_reader(self.connection):
+            await self.wfile.write(line)
+
+
+@pytest.mark.parametrize("ends_by", ["shutdown", "idle_timeout"])
+async def test_a_reader_from_make_reader_keeps_the_servers_rules(
+    autojump_clock: trio.testing.MockClock, ends_by: str
+) -> None:
+    # A handler's own reader lets an idle connection go as rfile does: at
+    # shutdown after the drain window, not the 100 s grace period; and
+    # quietly after idle_timeout.
+    server = trioserve.TCPServer(
+        ("127.0.0.1", 0), OwnReader, shutdown_timeout=100, idle_timeout=30
+    )
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_forever)
+        client = await connect(server)
+        assert await roundtrip(client, b"hello\n") == b"hello\n"
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        if ends_by == "shutdown":
+            nursery.start_soon(read_then_close, client, received)
+            await server.shutdown()
+            assert trio.current_time() - start == pytest.approx(server.drain_window)
+        else:
+            await read_then_close(client, received)
+            assert trio.current_time() - start == pytest.approx(30)
+            await server.shutdown()
+    assert received == [b""]
+    await server.server_close()
+    assert (server.stats.completed, server.stats.timed_out) == (1, 0)

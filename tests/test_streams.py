@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import inspect
 import itertools
 import socket as stdlib_socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +40,8 @@ from trioserve import (
     LineTooLong,
 )
 from trioserve._shutdown import ShutdownSignal
+from trioserve._socketio import SocketIO
+from trioserve._streams import ServerReader
 
 # Comfortably more than a Unix socket pair's send and receive buffers
 # together, so a writer whose peer never reads is sure to block.
@@ -552,6 +555,37 @@ async def test_concurrent_writes_raise_busy_resource_error() -> None:
         nursery.cancel_scope.cancel()
 
 
+def test_the_reader_takes_only_its_own_options() -> None:
+    # The server's rules (shutdown, whether a connection's first wait is
+    # idle) come with BaseServer.make_reader, not through the constructor.
+    parameters = inspect.signature(AsyncBufferedReader).parameters
+    assert list(parameters) == [
+        "stream",
+        "receive_size",
+        "max_line_length",
+        "timeout",
+        "idle_timeout",
+    ]
+
+
+async def test_timeouts_set_after_construction_apply_to_the_next_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with socket_stream_pair() as (near, _far):
+        reader = AsyncBufferedReader(near)
+        assert (reader.timeout, reader.idle_timeout) == (None, None)
+        reader.timeout = 2.0
+        start = trio.current_time()
+        with pytest.raises(TimeoutError), trio.fail_after(HANG_LIMIT):
+            await reader.readline()
+        assert trio.current_time() - start == pytest.approx(2.0)
+        reader.timeout, reader.idle_timeout = None, 1.0
+        start = trio.current_time()
+        with trio.fail_after(HANG_LIMIT):
+            assert await reader.readline() == b""
+        assert trio.current_time() - start == pytest.approx(1.0)
+
+
 # --- shutdown signal -----------------------------------------------------------------
 
 
@@ -563,7 +597,7 @@ def new_signal(drain_window: float = 0.0) -> ShutdownSignal:
 async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         pending = Pending()
         nursery.start_soon(pending.run, reader.readline)
         await wait_all_tasks_blocked()
@@ -584,7 +618,7 @@ async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
 async def test_idle_async_for_ends_when_shutdown_starts() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         seen = []
 
         async def consume() -> None:
@@ -608,7 +642,7 @@ async def test_reader_returns_eof_at_once_if_shutdown_already_started(
     signal = new_signal()
     signal.start()
     async with socket_stream_pair() as (near, _far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         start = trio.current_time()
         # Under the autojump clock a reader that waited would let virtual
         # time pass (and hit fail_after); it must not wait at all.
@@ -622,7 +656,7 @@ async def test_reader_returns_eof_at_once_if_shutdown_already_started(
 async def test_reader_holding_half_a_line_keeps_waiting_after_shutdown() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         pending = Pending()
         nursery.start_soon(pending.run, reader.readline)
         await far.send_all(b"hal")
@@ -647,14 +681,14 @@ async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -
     # without trying a receive first; at shutdown it must still look.
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         in_buffer = where == "in the reader's buffer"
         await far.send_all(b"one\ntwo\n" if in_buffer else b"one\n")
         with trio.fail_after(HANG_LIMIT):
             assert await reader.readline() == b"one\n"
         if not in_buffer:
-            assert reader._io is not None
-            assert reader._io.drained
+            assert isinstance(reader._receiver, SocketIO)
+            assert reader._receiver.drained
             await far.send_all(b"two\n")
         signal.start()
         with trio.fail_after(HANG_LIMIT):
@@ -665,7 +699,7 @@ async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -
 async def test_reads_before_shutdown_leave_no_idle_scopes_behind() -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal)
+        reader = ServerReader(near, signal, first_bytes_idle=True)
         for i in range(3):
             await far.send_all(b"%d\n" % i)
             with trio.fail_after(HANG_LIMIT):
@@ -682,7 +716,7 @@ async def test_an_idle_reader_at_shutdown_serves_a_message_within_the_drain_wind
     # starts: it arrives within the window and is read, not thrown away.
     signal = new_signal(drain_window=1.0)
     async with one_way_stream(transport) as (send, receive):
-        reader = AsyncBufferedReader(receive, shutdown_signal=signal)
+        reader = ServerReader(receive, signal, first_bytes_idle=True)
         async with trio.open_nursery() as nursery:
             pending = Pending()
             nursery.start_soon(pending.run, reader.readline)
@@ -706,7 +740,7 @@ async def test_an_idle_reader_sees_eof_when_the_drain_window_ends(
 ) -> None:
     signal = new_signal(drain_window=0.25)
     async with one_way_stream(transport) as (_send, receive):
-        reader = AsyncBufferedReader(receive, shutdown_signal=signal, timeout=10)
+        reader = ServerReader(receive, signal, first_bytes_idle=True, timeout=10)
         async with trio.open_nursery() as nursery:
             pending = Pending()
             nursery.start_soon(pending.run, reader.readline)
@@ -725,7 +759,7 @@ async def test_a_reader_timeout_inside_the_drain_window_is_still_a_timeout(
 ) -> None:
     signal = new_signal(drain_window=5.0)
     async with socket_stream_pair() as (near, _far):
-        reader = AsyncBufferedReader(near, shutdown_signal=signal, timeout=1.0)
+        reader = ServerReader(near, signal, first_bytes_idle=True, timeout=1.0)
         signal.start()
         with pytest.raises(TimeoutError):
             await reader.readline()
@@ -1175,7 +1209,7 @@ async def test_idle_reader_on_a_stream_that_is_not_a_socket_leaves_at_shutdown()
     signal = new_signal()
     send, receive = trio.testing.memory_stream_one_way_pair()
     async with trio.open_nursery() as nursery:
-        reader = AsyncBufferedReader(receive, shutdown_signal=signal)
+        reader = ServerReader(receive, signal, first_bytes_idle=True)
         pending = Pending()
         nursery.start_soon(pending.run, reader.readline)
         await wait_all_tasks_blocked()

@@ -187,17 +187,11 @@ class StreamRequestHandler(BaseRequestHandler):
     async def setup(self) -> None:
         """Set ``connection``, ``rfile`` and ``wfile``; call it from an override."""
         self.connection = self.request
-        # Behind a proxy, a new connection means a client has connected, and
-        # its first bytes may be a network round trip behind.
-        proxied = getattr(self.server, "proxy_protocol", "off") != "off"
-        self.rfile = AsyncBufferedReader(
+        self.rfile = self.server.make_reader(
             self.connection,
             receive_size=self.rbufsize,
             max_line_length=self.max_line_length,
             timeout=self.timeout,
-            shutdown_signal=self.server._shutdown_signal,
-            idle_before_first_message=not proxied,
-            idle_timeout=self.server.idle_timeout,
         )
         self.wfile = AsyncBufferedWriter(
             self.connection, buffer_size=self.wbufsize, timeout=self.timeout

@@ -33,6 +33,12 @@ from ._plan import (
 from ._shielding import await_shielded, start_shielded
 from ._shutdown import ShutdownSignal
 from ._stats import ServerStats
+from ._streams import (
+    DEFAULT_MAX_LINE_LENGTH,
+    DEFAULT_RECEIVE_SIZE,
+    AsyncBufferedReader,
+    ServerReader,
+)
 from ._warning_limiter import WarningLimiter
 
 if sys.version_info < (3, 11):
@@ -387,6 +393,46 @@ class BaseServer:
     def is_serving(self) -> bool:
         """True exactly while :meth:`serve_forever` accepts new requests."""
         return self._accepting
+
+    def make_reader(
+        self,
+        stream: trio.abc.ReceiveStream,
+        *,
+        receive_size: int = DEFAULT_RECEIVE_SIZE,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        timeout: float | None = None,
+    ) -> AsyncBufferedReader:
+        """A reader over a request's ``stream`` that keeps this server's rules.
+
+        :meth:`StreamRequestHandler.setup` makes ``rfile`` here; a handler
+        that reads through a reader of its own should make it here too. The
+        arguments are the reader's own; the server adds its rules for the
+        waits between messages:
+
+        - :attr:`idle_timeout`: a read that starts with nothing buffered
+          must deliver its message within it.
+        - Shutdown: once :meth:`shutdown` starts, a read waiting for the
+          first byte of a new message waits at most :attr:`drain_window`
+          for one already on its way, then returns end-of-stream. The wait
+          for a connection's very first bytes counts as such a wait, except
+          behind a PROXY protocol proxy, where a new connection means a
+          client has connected and its first bytes may be a network round
+          trip behind.
+
+        Each call makes a new :class:`AsyncBufferedReader`; it reads nothing
+        until asked.
+        """
+        # Only TCPServer and its kin know the PROXY protocol.
+        proxied = getattr(self, "proxy_protocol", "off") != "off"
+        return ServerReader(
+            stream,
+            self._shutdown_signal,
+            first_bytes_idle=not proxied,
+            receive_size=receive_size,
+            max_line_length=max_line_length,
+            timeout=timeout,
+            idle_timeout=self.idle_timeout,
+        )
 
     async def serve_forever(
         self,

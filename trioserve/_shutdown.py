@@ -13,7 +13,8 @@ class ShutdownSignal:
     """Lets readers that wait between messages leave promptly at shutdown.
 
     A reader waiting for the first byte of a new message waits inside a
-    cancel scope from :meth:`open_idle_scope`. When :meth:`start` begins the
+    cancel scope from :meth:`open_wait_scope` (the signal is the
+    ``WaitScopes`` of ``receive_when_ready``). When :meth:`start` begins the
     shutdown, each of those scopes gets a deadline ``drain_window`` seconds
     away, and so does every idle wait that begins later: a message already
     on its way (a keep-alive client sends its next request the moment it has
@@ -50,10 +51,10 @@ class ShutdownSignal:
             scope.deadline = min(scope.deadline, deadline)
         self._idle_scopes.clear()
 
-    def open_idle_scope(self) -> trio.CancelScope:
+    def open_wait_scope(self) -> trio.CancelScope:
         """A cancel scope for one idle wait, ended ``drain_window`` after start.
 
-        The caller must hand it back with :meth:`close_idle_scope` once its
+        The caller must hand it back with :meth:`close_wait_scope` once its
         wait is over, so that the set of idle waits stays bounded. Whether
         the scope ended the wait is ``scope.cancelled_caught``.
         """
@@ -63,7 +64,7 @@ class ShutdownSignal:
         self._stats.idle += 1
         return scope
 
-    def close_idle_scope(self, scope: trio.CancelScope) -> None:
-        """Hand back a scope from :meth:`open_idle_scope`: its wait is over."""
+    def close_wait_scope(self, scope: trio.CancelScope) -> None:
+        """Hand back a scope from :meth:`open_wait_scope`: its wait is over."""
         self._idle_scopes.discard(scope)
         self._stats.idle -= 1

@@ -30,6 +30,7 @@ from ._socketio import (
     look_again_or_wait,
     receive_datagram,
     stdlib_socket_of,
+    wait_until_spoken,
 )
 from ._warning_limiter import WarningLimiter
 
@@ -664,23 +665,7 @@ class TCPServer(BaseServer):
         have already arrived has spoken, shutdown or not (a connection
         taken from the backlog at close, say).
         """
-        sock = stdlib_socket_of(stream.socket)
-        if sock is not None:
-            try:
-                sock.recv(1, stdlib_socket.MSG_PEEK)
-            except OSError:
-                pass  # Nothing yet (or an error, which the reads will meet).
-            else:
-                await trio.lowlevel.checkpoint()
-                return True
-        signal = self._shutdown_signal
-        scope = signal.open_idle_scope()
-        try:
-            with scope:
-                await trio.lowlevel.wait_readable(stream.socket)
-        finally:
-            signal.close_idle_scope(scope)
-        return not scope.cancelled_caught
+        return await wait_until_spoken(stream, self._shutdown_signal)
 
     async def _read_proxy_header(self, stream: trio.abc.Stream, peer: Any) -> Any:
         """The client address a trusted proxy's header gives; None to drop."""

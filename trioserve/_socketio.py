@@ -24,9 +24,11 @@ second look catches a client a little slower than one round. See
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar, cast
 
 import trio
 
@@ -36,6 +38,9 @@ READY_OPERATIONS_PER_CHECKPOINT = 32
 #: How many times a reader that finds its socket empty checkpoints and
 #: receives again before it waits for the socket to become readable.
 LOOKS_BEFORE_WAITING = 2
+
+_Source = TypeVar("_Source")
+_Received = TypeVar("_Received")
 
 
 def stdlib_socket_of(sock: trio.socket.SocketType) -> socket.socket | None:
@@ -109,6 +114,23 @@ class SocketIO(Pacer):
         self.drained = len(data) < size
         return data
 
+    def receive(
+        self, size: int, scopes: WaitScopes
+    ) -> Coroutine[Any, Any, bytes | None]:
+        """The next chunk, to ``await``: :func:`receive_when_ready` on this socket.
+
+        Up to ``size`` bytes, ``b""`` at end of stream; None if the scope
+        that ``scopes`` gave ended the wait.
+        """
+        # After a receive that took all the socket had, the next message is
+        # most likely not there yet: a receive at once would only fail with
+        # EAGAIN, a system call and a Python exception. So the loop looks
+        # only after the others have run.
+        pacer = None if self.drained else self
+        return receive_when_ready(
+            SocketIO.try_receive, self, size, self.sock, pacer, scopes
+        )
+
     def try_send(self, data: bytes | memoryview) -> int:
         """Send what the socket takes now; return how many bytes (maybe 0)."""
         try:
@@ -128,13 +150,82 @@ def _trio_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceE
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
-async def look_again_or_wait(sock: socket.socket, looks: int) -> int:
-    """After a receive found ``sock`` empty: checkpoint, or wait until readable.
+class WaitScopes(Protocol):
+    """What decides whether, and for how long, a receive may wait.
 
-    ``looks`` is how many checkpoints were taken since the last receive that
-    got something or the last wait: below :data:`LOOKS_BEFORE_WAITING` this
-    checkpoints (the caller then looks again), otherwise it waits. Returns
-    the count to pass next time.
+    :func:`receive_when_ready` asks only when it is about to wait, so a
+    receive that finds its data at once pays for no scope.
+    """
+
+    def open_wait_scope(self) -> trio.CancelScope | None:
+        """The scope to wait in, or None to wait as long as it takes."""
+
+    def close_wait_scope(self, scope: trio.CancelScope) -> None:
+        """Take back a scope from :meth:`open_wait_scope`: its wait is over."""
+
+
+# Stands in for a wait's cancel scope when nothing can end the wait.
+_UNTIMED = contextlib.nullcontext()
+
+
+async def receive_when_ready(
+    receive: Callable[[_Source, int], _Received | None],
+    source: _Source,
+    size: int,
+    sock: socket.socket,
+    pacer: Pacer | None,
+    scopes: WaitScopes | None,
+) -> _Received | None:
+    """``receive(source, size)``, the first time it gets something.
+
+    The one receive-and-wait loop for sockets. ``receive`` is non-blocking:
+    it returns None when ``sock`` has nothing ready. The loop receives at
+    once, paced by ``pacer`` (see :class:`Pacer`); with ``pacer`` None it
+    does not, because the caller has just found ``sock`` empty. Then it
+    looks again after a checkpoint, up to :data:`LOOKS_BEFORE_WAITING`
+    times, and only then waits for ``sock`` to become readable, inside the
+    scope ``scopes`` gives for that wait. Returns None if that scope ended
+    the wait (after one last look: bytes that arrived as it ended are
+    taken, not left behind); without ``scopes`` it never does.
+    """
+    # The caller awaits this coroutine itself, with no helper in between:
+    # an idle connection keeps every coroutine on its stack in memory for
+    # as long as it is idle (see benchmarks/README.md, "Measured costs
+    # behind the code: coroutines on an idle stack").
+    if pacer is not None:
+        if pacer.due():
+            await trio.lowlevel.checkpoint()
+        received = receive(source, size)
+        if received is not None:
+            return received
+    # Why: see benchmarks/README.md, "Measured costs behind the code: looks
+    # before waiting".
+    for _ in range(LOOKS_BEFORE_WAITING):
+        await trio.lowlevel.checkpoint()
+        received = receive(source, size)
+        if received is not None:
+            return received
+    scope = None if scopes is None else scopes.open_wait_scope()
+    try:
+        with scope or _UNTIMED:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                received = receive(source, size)
+                if received is not None:
+                    return received
+    finally:
+        if scopes is not None and scope is not None:
+            scopes.close_wait_scope(scope)
+    return receive(source, size)
+
+
+async def look_again_or_wait(sock: socket.socket, looks: int) -> int:
+    """One step of :func:`receive_when_ready`'s loop, for a caller's own loop.
+
+    After a receive found ``sock`` empty: below :data:`LOOKS_BEFORE_WAITING`
+    ``looks`` this checkpoints and returns ``looks + 1`` (the caller then
+    receives again); otherwise it waits until ``sock`` is readable and
+    returns 0. Prefer :func:`receive_when_ready`, which runs the whole loop.
     """
     if looks < LOOKS_BEFORE_WAITING:
         await trio.lowlevel.checkpoint()
@@ -143,28 +234,57 @@ async def look_again_or_wait(sock: socket.socket, looks: int) -> int:
     return 0
 
 
-async def receive_datagram(
+def _try_receive_from(sock: socket.socket, size: int) -> tuple[bytes, Any] | None:
+    try:
+        return sock.recvfrom(size)
+    except BlockingIOError:
+        return None
+
+
+def receive_datagram(
     sock: trio.socket.SocketType, size: int, pacer: Pacer
-) -> tuple[bytes, Any]:
-    """The next datagram on ``sock``: ``(data, sender)``.
+) -> Awaitable[tuple[bytes, Any]]:
+    """The next datagram on ``sock``: ``await`` it for ``(data, sender)``.
 
     ``data`` holds at most ``size + 1`` bytes: a datagram longer than
     ``size`` comes back longer than ``size``, cut short. That is how
-    ``recvfrom`` tells it; ``recvmsg``'s ``MSG_TRUNC`` flag would, but
-    ``recvmsg`` costs 0.18 µs more per datagram.
+    ``recvfrom`` tells it (why not ``recvmsg``'s ``MSG_TRUNC``: see
+    benchmarks/README.md, "Measured costs behind the code: recvfrom, not
+    recvmsg").
     """
+    # Not a coroutine itself but the one that receives: one coroutine
+    # fewer per datagram.
     inner = stdlib_socket_of(sock)
     if inner is None:
-        return await sock.recvfrom(size + 1)
-    looks = 0
-    # Paced before the receive (see Pacer).
-    if pacer.due():
+        return sock.recvfrom(size + 1)
+    datagram = receive_when_ready(
+        _try_receive_from, inner, size + 1, inner, pacer, None
+    )
+    # Without scopes the loop never gives up, so it never returns None.
+    return cast(Awaitable[tuple[bytes, Any]], datagram)
+
+
+def _try_peek(sock: socket.socket, size: int) -> bytes | None:
+    try:
+        return sock.recv(size, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""  # An error is an answer too: the reads will meet it.
+
+
+async def wait_until_spoken(stream: trio.SocketStream, scopes: WaitScopes) -> bool:
+    """Wait until the peer sends something (or closes); False if ``scopes`` ended it.
+
+    Nothing is consumed: the bytes stay in the socket for whoever reads it.
+    """
+    sock = stdlib_socket_of(stream.socket)
+    if sock is None:
+        # Without the stdlib socket there is no peek: take the connection
+        # as having spoken, and let its reads wait.
         await trio.lowlevel.checkpoint()
-    while True:
-        try:
-            return inner.recvfrom(size + 1)
-        except BlockingIOError:
-            looks = await look_again_or_wait(inner, looks)
+        return True
+    return await receive_when_ready(_try_peek, sock, 1, sock, None, scopes) is not None
 
 
 async def send_datagram(

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import math
 import ssl
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import trio
 
 from ._shutdown import ShutdownSignal
-from ._socketio import LOOKS_BEFORE_WAITING, SocketIO
+from ._socketio import SocketIO, WaitScopes
 
 #: How many bytes one receive asks the stream for, unless told otherwise.
 DEFAULT_RECEIVE_SIZE = 65536
@@ -87,8 +87,150 @@ class _LineIterator:
         return line
 
 
+class _Receiver(Protocol):
+    """A receive strategy: how a reader gets the next chunk of its stream."""
+
+    def receive(
+        self, size: int, scopes: WaitScopes
+    ) -> Awaitable[bytes | bytearray | None]:
+        """The next chunk, to ``await``: ``b""`` at the end of the stream, None
+        if the scope that ``scopes`` gave ended the wait."""
+
+
+class _StreamReceiver:
+    """The receive strategy for any stream but a plain socket (TLS, say).
+
+    (A plain :class:`trio.SocketStream` takes :class:`SocketIO`, which
+    receives without Trio's scheduler while the socket is ready.)
+    """
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+
+    async def receive(self, size: int, scopes: WaitScopes) -> bytes | bytearray | None:
+        # Nothing tells whether the stream has data ready, so every receive
+        # runs in its scope.
+        scope = scopes.open_wait_scope()
+        try:
+            with scope or _UNTIMED:
+                return await self.stream.receive_some(size)
+        except trio.BrokenResourceError as exc:
+            # Most TLS clients close without sending close_notify. Take that
+            # as the end of the stream, as web servers do; a protocol that
+            # must detect truncation frames its messages.
+            if isinstance(exc.__cause__, ssl.SSLEOFError):
+                return b""
+            raise
+        finally:
+            if scope is not None:
+                scopes.close_wait_scope(scope)
+        # A cancelled receive leaves a TLS stream as it was: bytes already
+        # in its buffers are still there for the next receive.
+        return None
+
+
+class _WaitRules:
+    """When a reader's wait for data ends: the deadlines of its waits.
+
+    They are those of ``timeout``; of ``idle_timeout`` for the message being
+    read; and, for a wait between messages, of a server's shutdown signal.
+    Only a wait needs them: a read that finds its data at once has kept
+    every deadline, so it pays for no scope.
+    """
+
+    __slots__ = (
+        "buffer",
+        "idle_signal",
+        "idle_timeout",
+        "may_idle",
+        "message_deadline",
+        "signal",
+        "timeout",
+    )
+
+    def __init__(
+        self, buffer: bytearray, timeout: float | None, idle_timeout: float | None
+    ) -> None:
+        #: The reader's buffer: a wait with nothing in it is between messages.
+        self.buffer = buffer
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        #: When the message being read must be complete, under idle_timeout;
+        #: None until its first wait sets it (see ``_start_reading``).
+        self.message_deadline: float | None = math.inf
+        #: The shutdown signal that ends waits between messages, if any.
+        self.signal: ShutdownSignal | None = None
+        #: Whether a wait with nothing buffered is idle for ``signal``: from
+        #: the first bytes on, or from the start if so asked.
+        self.may_idle = True
+        # The signal whose scope the current wait runs in, to hand it back.
+        self.idle_signal: ShutdownSignal | None = None
+
+    def _idle_signal(self) -> ShutdownSignal | None:
+        return self.signal if self.may_idle and not self.buffer else None
+
+    def open_wait_scope(self) -> trio.CancelScope | None:
+        """The scope a wait for data runs in: None if nothing can end it."""
+        self.idle_signal = signal = self._idle_signal()
+        scope = None if signal is None else signal.open_wait_scope()
+        deadline = self.message_deadline
+        if deadline is None or self.timeout is not None:
+            now = trio.current_time()
+            if deadline is None:
+                # The message's first wait: its idle_timeout counts from
+                # here, a few receives after the read began, not from a
+                # clock read on every read.
+                assert self.idle_timeout is not None
+                deadline = self.message_deadline = now + self.idle_timeout
+            if self.timeout is not None:
+                deadline = min(deadline, now + self.timeout)
+        if deadline != math.inf:
+            if scope is None:
+                scope = trio.CancelScope()
+            scope.deadline = min(scope.deadline, deadline)
+        return scope
+
+    def close_wait_scope(self, scope: trio.CancelScope) -> None:
+        """Hand a scope back to the shutdown signal, if it gave it."""
+        signal = self.idle_signal
+        if signal is not None:
+            self.idle_signal = None
+            signal.close_wait_scope(scope)
+
+    def ended(self) -> bytes:
+        """What a wait that its scope ended gives: end-of-stream or a timeout.
+
+        End-of-stream if shutdown's drain window is over (an idle connection
+        with nothing on its way is let go), or if ``idle_timeout`` passed
+        with no byte of a new message; :exc:`TimeoutError` if it passed with
+        part of one, or if ``timeout`` passed.
+        """
+        now = trio.current_time()
+        signal = self._idle_signal()
+        if signal is not None and now >= signal.drain_deadline:
+            return b""
+        if self.message_deadline is not None and now >= self.message_deadline:
+            if not self.buffer:
+                return b""
+            raise TimeoutError(
+                f"message not complete within idle_timeout ({self.idle_timeout} s)"
+            )
+        raise TimeoutError(f"no data received for {self.timeout} seconds")
+
+
+async def _end_of_stream() -> bytes:
+    await trio.lowlevel.checkpoint()
+    return b""
+
+
 class AsyncBufferedReader(_LineIterator):
     """A buffered reader over a :class:`trio.abc.ReceiveStream`: a handler's ``rfile``.
+
+    A stream handler's ``rfile`` comes from the server's
+    :meth:`~trioserve.BaseServer.make_reader`, which also lets an idle
+    connection go when the server shuts down.
 
     Args:
       stream: The stream to read.
@@ -97,17 +239,6 @@ class AsyncBufferedReader(_LineIterator):
         counting its ``\\n``.
       timeout: Seconds one receive may go without data before
         :exc:`TimeoutError` is raised; ``None`` waits forever.
-      shutdown_signal: When given, a read that waits for the first byte of a
-        new message (nothing buffered) waits at most the signal's drain
-        window once it starts, then returns end-of-stream: that is how idle
-        connections leave promptly on a graceful shutdown, and how a message
-        already on its way is still read. A read with bytes of a message in
-        hand keeps waiting for the rest.
-      idle_before_first_message: Whether a read waiting for the stream's
-        very first bytes is idle too, for ``shutdown_signal`` (it always is
-        for ``idle_timeout``). False suits a connection a proxy opened on a
-        client's behalf: the client's first bytes are on their way, so the
-        wait gets the grace period like a message in progress.
       idle_timeout: Seconds a read that starts between messages (nothing
         buffered) may take to deliver its message. If nothing arrived it
         returns end-of-stream; if part of a message arrived it raises
@@ -127,8 +258,6 @@ class AsyncBufferedReader(_LineIterator):
         receive_size: int = DEFAULT_RECEIVE_SIZE,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         timeout: float | None = None,
-        shutdown_signal: ShutdownSignal | None = None,
-        idle_before_first_message: bool = True,
         idle_timeout: float | None = None,
     ) -> None:
         if receive_size < 1:
@@ -143,151 +272,55 @@ class AsyncBufferedReader(_LineIterator):
         self._reading = False
         self.receive_size = receive_size
         self.max_line_length = max_line_length
-        self.timeout = timeout
-        self.idle_timeout = idle_timeout
-        # When the message being read must be complete, under idle_timeout;
-        # None until its first wait sets it (see _start_reading).
-        self._message_deadline: float | None = math.inf
-        self._shutdown_signal = shutdown_signal
-        # Whether a wait with nothing buffered is idle for shutdown_signal:
-        # from the first bytes on, or from the start if so asked.
-        self._may_idle = idle_before_first_message
-        self._io = SocketIO.of_stream(stream)
+        self._rules = _WaitRules(self._buffer, timeout, idle_timeout)
+        # The receive strategy, picked once: a plain socket is read without
+        # Trio's scheduler while it has data; any other stream through
+        # receive_some.
+        self._receiver: _Receiver = SocketIO.of_stream(stream) or _StreamReceiver(
+            stream
+        )
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds one receive may go without data; ``None`` waits forever."""
+        return self._rules.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self._rules.timeout = seconds
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds a read that starts between messages may take; ``None``: no limit."""
+        return self._rules.idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float | None) -> None:
+        self._rules.idle_timeout = seconds
 
     async def _receive(self) -> bool:
         """Append one chunk from the stream to the buffer; False at end of stream."""
-        data = await self._receive_chunk()
+        data = self._received(await self._receive_chunk())
         self._buffer += data
         return bool(data)
 
-    async def _receive_chunk(self) -> bytes | bytearray:
-        """The stream's next chunk (``b""`` at its end), leaving the buffer alone."""
+    def _receive_chunk(self) -> Awaitable[bytes | bytearray | None]:
+        """The stream's next chunk, to ``await`` and pass to :meth:`_received`.
+
+        Not a coroutine itself but the strategy's: a coroutine fewer on an
+        idle connection's stack (see ``receive_when_ready``).
+        """
         if self._eof:
-            await trio.lowlevel.checkpoint()
-            return b""
-        signal = self._shutdown_signal
-        if not self._may_idle or self._buffer:
-            signal = None
-        io = self._io
-        data: bytes | bytearray | None
-        if io is None:
-            data = await self._receive_some(signal)
-        else:
-            data = None
-            # After a receive that took all the socket had, the next message
-            # is most likely not there yet: a receive at once would only fail
-            # with EAGAIN, a system call and a Python exception. So the task
-            # first lets the others run (the looks below).
-            if not io.drained:
-                # Paced before the receive (see Pacer).
-                if io.due():
-                    await trio.lowlevel.checkpoint()
-                data = io.try_receive(self.receive_size)
-            if data is None:
-                # Waited for here rather than in a helper: every coroutine
-                # between the handler and the wait costs on each wake-up, and
-                # an idle connection keeps them all in memory for as long as
-                # it is idle. Looks again after checkpoints before it waits
-                # (see _socketio).
-                for _ in range(LOOKS_BEFORE_WAITING):
-                    await trio.lowlevel.checkpoint()
-                    data = io.try_receive(self.receive_size)
-                    if data is not None:
-                        break
-                else:
-                    scope = self._wait_scope(signal)
-                    if scope is None:
-                        # Not under a null context, whose bound __exit__ the
-                        # wait would keep too.
-                        while data is None:
-                            await trio.lowlevel.wait_readable(io.sock)
-                            data = io.try_receive(self.receive_size)
-                    else:
-                        try:
-                            with scope:
-                                while data is None:
-                                    await trio.lowlevel.wait_readable(io.sock)
-                                    data = io.try_receive(self.receive_size)
-                        finally:
-                            if signal is not None:
-                                signal.close_idle_scope(scope)
-                        if data is None:
-                            # One last look: bytes that arrived as the wait
-                            # was ended are read, not left behind.
-                            data = io.try_receive(self.receive_size)
-                        if data is None:
-                            data = self._wait_ended(signal)
+            return _end_of_stream()
+        return self._receiver.receive(self.receive_size, self._rules)
+
+    def _received(self, data: bytes | bytearray | None) -> bytes | bytearray:
+        """What :meth:`_receive_chunk` gave, with a wait its scope ended settled."""
+        if data is None:
+            data = self._rules.ended()
         self._eof = not data
-        self._may_idle = True
+        self._rules.may_idle = True
         return data
-
-    def _wait_scope(self, signal: ShutdownSignal | None) -> trio.CancelScope | None:
-        """The scope a wait for data runs in: None if nothing can end it.
-
-        The deadlines are those of the shutdown signal, for a wait between
-        messages; of ``timeout``; and of ``idle_timeout`` for the message
-        being read. Only a wait needs them: a read that finds its data at
-        once has kept every deadline, so it pays for no scope.
-        """
-        scope = None if signal is None else signal.open_idle_scope()
-        deadline = self._message_deadline
-        if deadline is None or self.timeout is not None:
-            now = trio.current_time()
-            if deadline is None:
-                # The message's first wait: its idle_timeout counts from
-                # here, a few receives after the read began, not from a
-                # clock read on every read.
-                assert self.idle_timeout is not None
-                deadline = self._message_deadline = now + self.idle_timeout
-            if self.timeout is not None:
-                deadline = min(deadline, now + self.timeout)
-        if deadline != math.inf:
-            if scope is None:
-                scope = trio.CancelScope()
-            scope.deadline = min(scope.deadline, deadline)
-        return scope
-
-    def _wait_ended(self, signal: ShutdownSignal | None) -> bytes:
-        """What a wait that its scope ended gives: end-of-stream or a timeout.
-
-        End-of-stream if shutdown's drain window is over (an idle connection
-        with nothing on its way is let go), or if ``idle_timeout`` passed
-        with no byte of a new message; :exc:`TimeoutError` if it passed with
-        part of one, or if ``timeout`` passed.
-        """
-        now = trio.current_time()
-        if signal is not None and now >= signal.drain_deadline:
-            return b""
-        if self._message_deadline is not None and now >= self._message_deadline:
-            if not self._buffer:
-                return b""
-            raise TimeoutError(
-                f"message not complete within idle_timeout ({self.idle_timeout} s)"
-            )
-        raise self._timeout_error()
-
-    async def _receive_some(self, signal: ShutdownSignal | None) -> bytes | bytearray:
-        """``receive_some`` on a stream other than a plain socket (TLS, say)."""
-        scope = self._wait_scope(signal)
-        try:
-            with scope or _UNTIMED:
-                return await self._stream.receive_some(self.receive_size)
-        except trio.BrokenResourceError as exc:
-            # Most TLS clients close without sending close_notify. Take that
-            # as the end of the stream, as web servers do; a protocol that
-            # must detect truncation frames its messages.
-            if isinstance(exc.__cause__, ssl.SSLEOFError):
-                return b""
-            raise
-        finally:
-            if signal is not None and scope is not None:
-                signal.close_idle_scope(scope)
-        # A cancelled receive leaves a TLS stream as it was: bytes already
-        # in its buffers are still there for the next receive.
-        return self._wait_ended(signal)
-
-    def _timeout_error(self) -> TimeoutError:
-        return TimeoutError(f"no data received for {self.timeout} seconds")
 
     def _take(self, size: int) -> bytes:
         if size >= len(self._buffer):
@@ -311,10 +344,11 @@ class AsyncBufferedReader(_LineIterator):
         self._reading = True
         # A read that starts between messages (nothing buffered) must have
         # its message within idle_timeout; the waits keep that deadline.
-        if self.idle_timeout is not None and not self._buffer:
-            self._message_deadline = None
+        rules = self._rules
+        if rules.idle_timeout is not None and not self._buffer:
+            rules.message_deadline = None
         else:
-            self._message_deadline = math.inf
+            rules.message_deadline = math.inf
 
     async def readline(self) -> bytes:
         """Return the next line with its ``\\n``; ``b""`` at end of stream.
@@ -337,7 +371,7 @@ class AsyncBufferedReader(_LineIterator):
         try:
             # The line loop is here, not in a helper, and receives without
             # _receive: a coroutine fewer on an idle connection's stack (see
-            # _receive_chunk).
+            # receive_when_ready).
             while True:
                 end = self._buffer.find(b"\n", self._scanned) + 1
                 if end:
@@ -347,7 +381,7 @@ class AsyncBufferedReader(_LineIterator):
                 self._scanned = len(self._buffer)
                 if self._scanned > self.max_line_length:
                     raise _line_too_long(self.max_line_length)
-                data = await self._receive_chunk()
+                data = self._received(await self._receive_chunk())
                 if not data:
                     break
                 self._buffer += data
@@ -389,7 +423,7 @@ class AsyncBufferedReader(_LineIterator):
         try:
             if self._buffer:
                 return self._take(len(self._buffer) if n < 0 else n)
-            return self._up_to(n, await self._receive_chunk())
+            return self._up_to(n, self._received(await self._receive_chunk()))
         finally:
             self._reading = False
 
@@ -400,6 +434,41 @@ class AsyncBufferedReader(_LineIterator):
             self._buffer += chunk
             return self._take(n)
         return chunk if type(chunk) is bytes else bytes(chunk)
+
+
+class ServerReader(AsyncBufferedReader):
+    """The reader :meth:`BaseServer.make_reader` makes: it follows a shutdown too.
+
+    A wait for the first byte of a new message (nothing buffered) waits at
+    most ``signal``'s drain window once the shutdown starts, then returns
+    end-of-stream: that is how idle connections leave promptly, and how a
+    message already on its way is still read. A read with bytes of a
+    message in hand keeps waiting for the rest. ``first_bytes_idle`` says
+    whether the wait for the stream's very first bytes is idle too (it
+    always is for ``idle_timeout``): not for a connection a proxy opened on
+    a client's behalf, whose first bytes are on their way.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream,
+        signal: ShutdownSignal,
+        *,
+        first_bytes_idle: bool,
+        receive_size: int = DEFAULT_RECEIVE_SIZE,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        super().__init__(
+            stream,
+            receive_size=receive_size,
+            max_line_length=max_line_length,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+        )
+        self._rules.signal = signal
+        self._rules.may_idle = first_bytes_idle
 
 
 class AsyncBufferedWriter:
@@ -556,8 +625,9 @@ class AsyncPacketReader(_LineIterator):
 
     async def read(self, n: int = -1) -> bytes:
         """Return ``n`` bytes, fewer only at the datagram's end; ``n < 0``: the rest."""
-        # _take inlined: an echo reads twice per datagram, and the two calls
-        # cost it 0.2 µs.
+        # _take inlined: an echo reads twice per datagram. Why: see
+        # benchmarks/README.md, "Measured costs behind the code: inlined
+        # datagram read".
         data = self._data
         start = self._position
         self._position = end = len(data) if n < 0 else min(start + n, len(data))
