@@ -51,7 +51,7 @@ async def serve_with_flaky_accept(
     server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
     await server.__aenter__()
     flaky = FlakyListener(server.socket, errors)
-    server._socket = flaky  # type: ignore[assignment]
+    server._listeners[0].socket = flaky  # type: ignore[assignment]
     return server, flaky
 
 
@@ -114,7 +114,7 @@ async def test_a_long_descriptor_shortage_neither_floods_the_log_nor_spins(
     async with server:
         start = trio.current_time()
         exhausted = ExhaustedListener(server.socket, start + shortage)
-        server._socket = exhausted  # type: ignore[assignment]
+        server._listeners[0].socket = exhausted  # type: ignore[assignment]
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve_forever)
             # A client waits in the backlog all along.

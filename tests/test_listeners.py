@@ -291,7 +291,7 @@ async def test_empty_host_listens_on_both_families_on_one_port(
 async def test_empty_host_without_ipv6_is_ipv4_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(trioserve._socket_servers, "_has_ipv6", lambda: False)
+    monkeypatch.setattr(trioserve._listeners, "_has_ipv6", lambda: False)
     server = trioserve.TCPServer(("", 0), Echo)
     assert server.server_addresses == [("0.0.0.0", 0)]
     async with serving(server):

@@ -23,7 +23,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import hypothesis
 import hypothesis.strategies as st
@@ -76,7 +76,7 @@ def proxied_udp_server(
     handler: type[trioserve.BaseRequestHandler] = InlineWhoAmI,
     *,
     host: str = "127.0.0.1",
-    mode: str = "v2",
+    mode: Literal["off", "v1", "v2", "auto"] = "v2",
     trusted: tuple[str, ...] = ("127.0.0.1",),
 ) -> trioserve.UDPServer:
     return trioserve.UDPServer(
@@ -376,7 +376,7 @@ async def test_an_untrusted_sender_is_dropped_and_counted(
 )
 async def test_a_bad_header_is_dropped_and_the_next_datagram_served(
     handler: type[WhoAmI],
-    mode: str,
+    mode: Literal["off", "v1", "v2", "auto"],
     bad: bytes,
     reason: str,
     caplog: pytest.LogCaptureFixture,

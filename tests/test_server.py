@@ -954,39 +954,6 @@ async def test_an_emptied_datagram_socket_is_looked_at_again_before_a_wait(
     assert waits == 1
 
 
-async def test_receive_datagram_looks_again_before_a_wait(
-    readable_waits: collections.Counter[int],
-) -> None:
-    # The receive behind get_request, for servers off the inline loop.
-    from trioserve._socketio import Pacer, receive_datagram, send_datagram
-
-    rounds = 100
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.setblocking(False)
-    with client, trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
-        await server.bind(("127.0.0.1", 0))
-        pacer = Pacer()
-
-        async def echo() -> None:
-            while True:
-                data, sender = await receive_datagram(server, 100, pacer)
-                await send_datagram(server, data, sender)
-
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo)
-                await trio.testing.wait_all_tasks_blocked()
-                waits = await answer_at_once(
-                    client,
-                    server.getsockname(),
-                    rounds,
-                    readable_waits,
-                    server.fileno(),
-                )
-                nursery.cancel_scope.cancel()
-    assert waits == 1
-
-
 async def test_an_overridden_get_request_still_receives_every_datagram() -> None:
     # The accept loop receives for itself only with get_request as it is.
     received: list[bytes] = []

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +17,7 @@ import attrs
 import trio
 
 from ._handlers import HANDLER_HOOKS, BaseRequestHandler, check_async_hooks, run_handler
+from ._listeners import ACCEPT_RETRY_DELAY, AcceptErrors
 from ._plan import (
     FORWARDING,
     SKIPPABLE,
@@ -39,56 +38,11 @@ from ._streams import (
     AsyncBufferedReader,
     ServerReader,
 )
-from ._warning_limiter import WarningLimiter
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 LOGGER = logging.getLogger("trioserve")
-
-# Errors that accept(2) returns when the process or the system has run out of
-# something. Retrying at once would spin; the pressure usually lifts when
-# other connections close, so we pause and try again.
-ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-)
-
-# How long to pause after one of those errors: this long after the first,
-# twice as long after each one that follows it, up to ACCEPT_RETRY_MAX_DELAY.
-# The pressure may last (a descriptor leak, a flood): backing off spares the
-# CPU, and the cap bounds how long a waiting client still waits once it has
-# lifted. A successful accept starts over from the shortest pause.
-ACCEPT_RETRY_DELAY: Final = 0.1
-ACCEPT_RETRY_MAX_DELAY: Final = 1.0
-
-# Seconds between two log lines about those errors, per server: the first is
-# logged at once, the next one says how many were not.
-ACCEPT_ERROR_LOG_INTERVAL: Final = 10.0
-
-# Errors that concern one pending connection, not the listening socket: the
-# peer went away before we accepted, or (per accept(2) on Linux) a network
-# error already pending on the new socket. The next accept may well succeed.
-ACCEPT_TRANSIENT_ERRNOS: Final = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ECONNABORTED",
-        "ECONNRESET",
-        "EPROTO",
-        "EPERM",
-        "ENETDOWN",
-        "ENOPROTOOPT",
-        "EHOSTDOWN",
-        "ENONET",
-        "EHOSTUNREACH",
-        "EOPNOTSUPP",
-        "ENETUNREACH",
-        "EINTR",
-    )
-    if hasattr(errno, name)
-)
-
-# Errors that mean the listening socket itself is closed: serving is over.
-ACCEPT_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 # shutdown_request runs shielded, so that a request cancelled from outside
 # still releases its socket; this bound keeps an override that hangs from
@@ -159,9 +113,6 @@ class _Serving:
     peers: dict[Any, int] = attrs.Factory(dict)
     # The client addresses of the requests that a shutdown cancelled.
     cut_off: list[Any] = attrs.Factory(list)
-    # Requests accepted by listeners that lost a race to another (see
-    # _first_request), waiting for their turn.
-    pending: list[tuple[Any, Any]] = attrs.Factory(list)
     # What each request goes through; set once the server has made it.
     plan: RequestPlan = attrs.field(init=False)
 
@@ -337,9 +288,8 @@ class BaseServer:
                 raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
-        # See ACCEPT_RETRY_DELAY.
-        self._accept_retry_delay = ACCEPT_RETRY_DELAY
-        self._accept_error_log = WarningLimiter(LOGGER, ACCEPT_ERROR_LOG_INTERVAL)
+        # What accept errors make it do (see AcceptErrors).
+        self._accept_errors = AcceptErrors(self.stats)
         self._serving: _Serving | None = None
         self._accepting = False
         # Handlers' readers watch this to leave promptly when shutdown
@@ -488,9 +438,11 @@ class BaseServer:
         ):
             service_nursery.start_soon(self._run_service_actions, poll_interval)
             with serving.accept_scope:
-                self._accepting = True
-                task_status.started(self.server_address)
-                await self._accept_loop(serving, self._request_sources())
+                async with trio.open_nursery() as accepting:
+                    for source in self._request_sources():
+                        accepting.start_soon(self._accept_requests, serving, source)
+                    self._accepting = True
+                    task_status.started(self.server_address)
             # Accepting has stopped: by shutdown(), whose timeout stands, or
             # because the socket was closed, in which case the shutdown
             # begins here.
@@ -508,13 +460,24 @@ class BaseServer:
         """
         async with self._serve(None) as serving:
             wait = math.inf if self.timeout is None else self.timeout
-            accepted = None  # stays None if shutdown() ends the wait
+            # Each listener waits in a task of its own; the first request
+            # ends the race. Trio's accept and receive cannot be undone, so a
+            # listener that took a request as the race ended keeps it: it is
+            # handled too, not dropped.
+            taken: list[tuple[Any, Any]] = []
             with serving.accept_scope, trio.move_on_after(wait) as timer:
-                accepted = await self._first_request(serving, self._request_sources())
-            if timer.cancelled_caught:
-                await self.handle_timeout()
-            elif accepted is not None:
-                await self._handle_accepted(serving, *accepted)
+                async with trio.open_nursery() as race:
+                    for source in self._request_sources():
+                        race.start_soon(
+                            self._take_first, source, taken, race.cancel_scope
+                        )
+            if not taken:
+                if timer.cancelled_caught:
+                    await self.handle_timeout()
+                return
+            for request, client_address in taken[1:]:
+                self._hand_over(request, client_address)
+            await self._handle_accepted(serving, *taken[0])
 
     @asynccontextmanager
     async def _serve(
@@ -541,12 +504,7 @@ class BaseServer:
                     serving, trades_slot=max_preparing is not DEFAULT
                 )
                 self._serving = serving
-                try:
-                    yield serving
-                finally:
-                    # Requests that won a race but never got their turn.
-                    for request, _ in serving.pending:
-                        await self._close_request(request)
+                yield serving
         except BaseExceptionGroup as group:
             # Cancelled from outside, every task ends in Cancelled, and the
             # nurseries wrap those in groups. Let it propagate as the one
@@ -580,102 +538,82 @@ class BaseServer:
             await self.service_actions()
 
     def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
-        """One ``get_request`` per listener; the server accepts from each."""
+        """What each listener's accept task awaits for the next request.
+
+        Here, with no listeners of its own, :meth:`get_request`.
+        """
         return [self.get_request]
 
-    async def _first_request(
+    async def _accept_requests(
         self,
         serving: _Serving,
-        sources: list[Callable[[], Awaitable[tuple[Any, Any]]]],
-    ) -> tuple[Any, Any] | None:
-        """The first request from any source; None once they are all closed."""
-        if serving.pending:
-            return serving.pending.pop(0)
-        if len(sources) == 1:
-            return await self._next_request(sources[0])
-        # A race: each source waits in a task of its own, and the first
-        # request cancels the others. A source that had already taken a
-        # request when the cancel came keeps it (Trio's accept and recv
-        # cannot be undone), so every winner is kept, in pending.
-        winners: list[tuple[Any, Any]] = []
-
-        async def wait_for(source: Callable[[], Awaitable[tuple[Any, Any]]]) -> None:
-            accepted = await self._next_request(source)
-            if accepted is not None:
-                winners.append(accepted)
-                nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for source in sources:
-                nursery.start_soon(wait_for, source)
-        if not winners:
-            return None
-        serving.pending.extend(winners[1:])
-        return winners[0]
-
-    async def _accept_loop(
-        self,
-        serving: _Serving,
-        sources: list[Callable[[], Awaitable[tuple[Any, Any]]]],
+        source: Callable[[], Awaitable[tuple[Any, Any]]],
     ) -> None:
-        # One loop for every listener: a slot is taken first, then the
-        # request comes from whichever listener has one, so an idle listener
-        # never holds a slot a busy one needs.
+        """One listener's accept task: each request it takes is handled.
+
+        As in Trio's ``serve_listeners``: one such task per listener, all
+        handing requests to the one nursery. At ``max_concurrent_requests``
+        it stops taking requests, holding the one it has (so with several
+        listeners, at most one request per listener waits above the bound)
+        until a slot frees.
+        """
+        slots = serving.slots
         while True:
-            if serving.slots is not None:
-                # Backpressure: at the bound, stop accepting.
-                await serving.slots.acquire()
-            try:
-                accepted = await self._first_request(serving, sources)
-            except BaseException:
-                serving.release_slot()
-                raise
+            accepted = await self._next_request(source)
             if accepted is None:
-                serving.release_slot()
                 return
+            if slots is not None:
+                try:
+                    await slots.acquire()
+                except BaseException:
+                    # Shutdown began while it waited above the bound: it
+                    # reached us, so it waits on, for the grace period.
+                    serving.nursery.start_soon(
+                        self._handle_when_slot_frees, serving, *accepted
+                    )
+                    raise
             await self._handle_accepted(serving, *accepted)
+
+    async def _handle_when_slot_frees(
+        self, serving: _Serving, request: Any, client_address: Any
+    ) -> None:
+        assert serving.slots is not None
+        try:
+            await serving.slots.acquire()
+        except BaseException:
+            await self._close_request(request)
+            raise
+        await self._handle_accepted(serving, request, client_address)
+
+    async def _take_first(
+        self,
+        source: Callable[[], Awaitable[tuple[Any, Any]]],
+        taken: list[tuple[Any, Any]],
+        race: trio.CancelScope,
+    ) -> None:
+        """For :meth:`handle_request`: the first request from ``source``, if
+        it is first of all, ends the ``race``."""
+        accepted = await self._next_request(source)
+        if accepted is not None:
+            taken.append(accepted)
+            race.cancel()
 
     async def _next_request(
         self, source: Callable[[], Awaitable[tuple[Any, Any]]]
     ) -> tuple[Any, Any] | None:
         """Return the next request from ``source``; None once it is closed."""
+        errors = self._accept_errors
         while True:
             try:
                 accepted = await source()
             except trio.ClosedResourceError:
                 return None
             except OSError as exc:
-                if not await self._get_request_failed(exc):
+                if not await errors.retry_after(exc):
                     return None
             else:
-                self._accept_retry_delay = ACCEPT_RETRY_DELAY
+                errors.delay = ACCEPT_RETRY_DELAY
                 return accepted
-
-    async def _get_request_failed(self, exc: OSError) -> bool:
-        """Deal with ``exc`` from accept or receive: False if the socket is closed.
-
-        True means try again: after a pause if the system is out of
-        something (see ``ACCEPT_RETRY_DELAY``), at once if the error was one
-        pending connection's. Any other error is raised.
-        """
-        if exc.errno in ACCEPT_CLOSED_ERRNOS:
-            return False
-        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-            self.stats.accept_errors += 1
-            delay = self._accept_retry_delay
-            self._accept_retry_delay = min(2 * delay, ACCEPT_RETRY_MAX_DELAY)
-            self._accept_error_log.error(
-                "accept failed with %s (%s); retrying in %s seconds",
-                errno.errorcode[exc.errno],
-                os.strerror(exc.errno),
-                delay,
-            )
-            await trio.sleep(delay)
-        elif exc.errno in ACCEPT_TRANSIENT_ERRNOS:
-            LOGGER.debug("accept failed with %r; skipping", exc)
-        else:
-            raise exc
-        return True
 
     def _hand_over(self, request: Any, client_address: Any) -> None:
         """Handle a request accepted outside the accept loop, in the nursery.

@@ -5,33 +5,35 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import os
 import socket as stdlib_socket
 import ssl
-import stat
 from collections.abc import Awaitable, Callable, Sequence
-from functools import cache, partial
+from functools import partial
 from typing import Any, Literal, TypeVar, cast
 
 import trio
 
 from ._handlers import BaseRequestHandler
 from ._lingering import close_without_reset
-from ._plan import skippable
+from ._listeners import (
+    DatagramListener,
+    Listener,
+    Origin,
+    StreamListener,
+    close_unused,
+    every_interface,
+    family_of,
+    new_socket,
+)
+from ._plan import FORWARDING, forwarding, is_marked, skippable
 from ._proxy import (
     ProxyHeaderParser,
     ProxyMode,
     ProxyProtocolError,
     parse_proxy_header,
 )
-from ._server import DEFAULT, BaseServer, _Default, _Serving
-from ._socketio import (
-    Pacer,
-    look_again_or_wait,
-    receive_datagram,
-    stdlib_socket_of,
-    wait_until_spoken,
-)
+from ._server import DEFAULT, BaseServer, _Default
+from ._socketio import wait_until_spoken
 from ._warning_limiter import WarningLimiter
 
 LOGGER = logging.getLogger("trioserve")
@@ -54,49 +56,6 @@ ProxyProtocolMode = Literal["off", "v1", "v2", "auto"]
 
 #: :attr:`TCPServer.binding`'s values.
 Binding = Literal["lazy", "manual", "bound", "adopted", "closed"]
-
-
-def _family_of(
-    server_address: Any,
-    default: stdlib_socket.AddressFamily = stdlib_socket.AF_INET,
-) -> stdlib_socket.AddressFamily:
-    """AF_UNIX for a path, the family of an IP literal host, else ``default``."""
-    if isinstance(server_address, (str, bytes, os.PathLike)):
-        return stdlib_socket.AF_UNIX
-    try:
-        host = ipaddress.ip_address(server_address[0])
-    except (ValueError, TypeError, IndexError):
-        return default
-    return stdlib_socket.AF_INET6 if host.version == 6 else stdlib_socket.AF_INET
-
-
-@cache
-def _has_ipv6() -> bool:
-    """Whether this host can make IPv6 sockets (a kernel may have IPv6 off)."""
-    try:
-        stdlib_socket.socket(stdlib_socket.AF_INET6, stdlib_socket.SOCK_STREAM).close()
-    except OSError:
-        return False
-    return True
-
-
-def _every_interface(address: Any, family: int) -> list[Any]:
-    """The addresses to listen on for ``address``.
-
-    Host ``""`` or ``None`` in IPv4 means every interface of both families:
-    ``0.0.0.0`` and ``::`` (IPv4 alone on a host without IPv6). Any other
-    address stands for itself.
-    """
-    if not isinstance(address, tuple) or len(address) != 2:
-        return [address]
-    host, port = address
-    if host not in ("", None):
-        return [address]
-    if family != stdlib_socket.AF_INET:
-        return [("", port)]
-    if not _has_ipv6():
-        return [("0.0.0.0", port)]
-    return [("0.0.0.0", port), ("::", port)]
 
 
 class TCPServer(BaseServer):
@@ -266,14 +225,14 @@ class TCPServer(BaseServer):
                 "a line of text for TCP; a datagram server takes 'v2' (or "
                 "'auto', which means v2 for datagrams)"
             )
-        self.address_family = _family_of(server_address, type(self).address_family)
+        self.address_family = family_of(server_address, type(self).address_family)
         addresses: list[Any] = []
         # Indices in server_addresses of the "::" listeners that host ""
         # added, whose port 0 means the port of the 0.0.0.0 one before them.
         self._same_port_as_previous: set[int] = set()
         for index, address in enumerate([server_address, *extra_addresses]):
-            family = self.address_family if index == 0 else _family_of(address)
-            listened = _every_interface(address, family)
+            family = self.address_family if index == 0 else family_of(address)
+            listened = every_interface(address, family)
             if len(listened) == 2:
                 self._same_port_as_previous.add(len(addresses) + 1)
             addresses += listened
@@ -281,14 +240,12 @@ class TCPServer(BaseServer):
         #: The addresses listened on besides :attr:`server_address`; real
         #: (bound) addresses once the server is bound.
         self.extra_addresses = extras
-        self._socket: trio.socket.SocketType | None = None
-        self._extra_sockets: list[trio.socket.SocketType] = []
-        # (path, st_dev, st_ino) of each Unix socket file we made, so close
-        # removes those files and not ones made at the same paths since.
-        self._socket_files: list[tuple[str | bytes, int, int]] = []
+        self._listeners: list[Listener] = []
+        # What server.socket is while there is no listener: see socket.
+        self._placeholder: trio.socket.SocketType | None = None
         self._binding: Binding = "lazy" if bind_and_activate else "manual"
         if not bind_and_activate:
-            self._socket = self._new_socket(self.address_family)
+            self._listeners = [self._new_listener(self.address_family)]
 
     @classmethod
     def from_socket(
@@ -323,52 +280,51 @@ class TCPServer(BaseServer):
         # Made to bind lazily, it makes no socket of its own; handed this
         # one, already bound, it has nothing left to bind.
         server = cls(sock.getsockname(), RequestHandlerClass, **options)
-        server._adopt([sock])
+        server.adopt_sockets([sock])
         return server
 
-    def _adopt(self, socks: Sequence[stdlib_socket.socket]) -> None:
-        """Listen on these bound sockets instead of binding: the first is
-        :attr:`socket`, the others are the extra listeners."""
+    def adopt_sockets(self, socks: Sequence[stdlib_socket.socket]) -> None:
+        """Serve on these bound sockets instead of binding any of its own.
+
+        The first becomes :attr:`socket`, the others the extra listeners;
+        stream sockets are put to listen. The server takes them over and
+        closes them in :meth:`server_close`, leaving any Unix socket file in
+        place, since it did not make it. For a supervisor that binds once
+        and hands the sockets to worker processes, each of which builds its
+        server as usual and adopts them; :meth:`from_socket` does it for one
+        socket. :attr:`binding` becomes ``"adopted"``.
+
+        Raises:
+          RuntimeError: the server is bound already (or closed).
+        """
         if self._binding not in ("lazy", "manual"):
             raise RuntimeError(f"{self!r} already has its sockets")
-        if self._socket is not None:
-            # bind_and_activate=False's unbound socket, or the placeholder.
-            _close_unused(self._socket)
-        listeners = [trio.socket.from_stdlib_socket(sock) for sock in socks]
-        self._socket, *self._extra_sockets = listeners
-        self.address_family = stdlib_socket.AddressFamily(self._socket.family)
-        self.server_address = self._socket.getsockname()
-        self.extra_addresses = [sock.getsockname() for sock in self._extra_sockets]
+        for unbound in self._listeners:
+            # bind_and_activate=False's socket, made for options.
+            close_unused(unbound.socket)
+        self._listeners = [
+            self._listener_on(trio.socket.from_stdlib_socket(sock), "adopted")
+            for sock in socks
+        ]
+        first = self._listeners[0].socket
+        self.address_family = stdlib_socket.AddressFamily(first.family)
+        self.server_address, *self.extra_addresses = [
+            listener.socket.getsockname() for listener in self._listeners
+        ]
         self._same_port_as_previous = set()
         self._binding = "adopted"
-        for listener in listeners:
-            self._listen(listener)
+        for listener in self._listeners:
+            listener.listen(self.request_queue_size)
 
-    def _listen(self, sock: trio.socket.SocketType) -> None:
-        """Put a bound stream socket to listen; a datagram socket needs nothing."""
-        if self.socket_type == stdlib_socket.SOCK_STREAM:
-            sock.listen(self.request_queue_size)
+    def _new_listener(self, family: int) -> Listener:
+        """A listener on a new socket of ``family``, to bind."""
+        return self._listener_on(new_socket(family, self.socket_type))
 
-    def _new_socket(self, family: int) -> trio.socket.SocketType:
-        """A socket of ``family`` and :attr:`socket_type` to bind a listener on."""
-        # The stdlib's constructor, not trio.socket.socket: this also runs
-        # outside trio.run (bind_and_activate=False, a worker's servers).
-        sock = trio.socket.from_stdlib_socket(
-            stdlib_socket.socket(family, self.socket_type)
-        )
-        if family == stdlib_socket.AF_INET6:
-            # As Trio and asyncio do. A dual-stack "::" listener (Linux's
-            # default) takes the IPv4 port too, so a 0.0.0.0 listener on the
-            # same port fails with EADDRINUSE. Set before server_bind, so an
-            # override of it (or bind_and_activate=False) can turn it off.
-            try:
-                sock.setsockopt(
-                    stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1
-                )
-            except BaseException:
-                _close_unused(sock)
-                raise
-        return sock
+    def _listener_on(
+        self, sock: trio.socket.SocketType, origin: Origin = "made"
+    ) -> Listener:
+        """The listener for ``sock``: here, one that accepts connections."""
+        return StreamListener(sock, origin)
 
     @property
     def binding(self) -> Binding:
@@ -383,7 +339,7 @@ class TCPServer(BaseServer):
         - ``"bound"``: its own sockets are bound, by the server itself or by
           your call of :meth:`server_bind`.
         - ``"adopted"``: it serves sockets it was handed
-          (:meth:`from_socket`), which it did not bind.
+          (:meth:`from_socket`, :meth:`adopt_sockets`), which it did not bind.
         - ``"closed"``: :meth:`server_close` has run.
         """
         return self._binding
@@ -400,21 +356,23 @@ class TCPServer(BaseServer):
         :meth:`server_close` or a failed bind it is the socket, closed:
         ``server.socket.fileno() == -1``, as in socketserver.
         """
-        if self._socket is None:
+        if self._listeners:
+            return self._listeners[0].socket
+        if self._placeholder is None:
             try:
                 placeholder = stdlib_socket.socket(
                     self.address_family, self.socket_type
                 )
             except OSError:  # an IPv6 address on a host without IPv6
                 placeholder = stdlib_socket.socket(type=self.socket_type)
-            self._socket = trio.socket.from_stdlib_socket(placeholder)
-            _close_unused(self._socket)
-        return self._socket
+            self._placeholder = trio.socket.from_stdlib_socket(placeholder)
+            close_unused(self._placeholder)
+        return self._placeholder
 
     @property
     def sockets(self) -> list[trio.socket.SocketType]:
         """Every listening socket: :attr:`socket` first, then the extra ones."""
-        return [self.socket, *self._extra_sockets]
+        return [listener.socket for listener in self._listeners] or [self.socket]
 
     @property
     def server_addresses(self) -> list[Any]:
@@ -431,7 +389,7 @@ class TCPServer(BaseServer):
         if self._binding != "lazy":
             await trio.lowlevel.checkpoint()
             return
-        self._socket = self._new_socket(self.address_family)
+        self._listeners = [self._new_listener(self.address_family)]
         try:
             await self.server_bind()
             await self.server_activate()
@@ -440,83 +398,48 @@ class TCPServer(BaseServer):
             # Not closed for good: a later call may try again, on a new
             # socket. Until then, server.socket is the closed one.
             self._binding = "lazy"
-            self._extra_sockets = []
+            del self._listeners[1:]
             raise
         self._binding = "bound"
 
     async def server_bind(self) -> None:
         """Bind every listener; :attr:`server_addresses` become real.
 
-        Sets the reuse options first. For a Unix socket, a socket file left
-        by a server that died is removed first; one a live server listens on
+        Sets the reuse options first (:attr:`allow_reuse_address`,
+        :attr:`allow_reuse_port`). For a Unix socket, a socket file left by
+        a server that died is removed first; one a live server listens on
         makes binding fail with ``EADDRINUSE``.
 
         Raises:
           OSError: binding failed; the message names the address.
         """
-        socks = [self.socket]
-        try:
-            await self._bind_addresses(socks)
-        finally:
-            # Those bound and the one that failed: server_close closes them.
-            self._extra_sockets = socks[1:]
-        if self._binding == "manual":
-            self._binding = "bound"
-
-    async def _bind_addresses(self, socks: list[trio.socket.SocketType]) -> None:
-        """Bind a socket to each of :attr:`server_addresses`, which become real.
-
-        ``socks`` holds the sockets for the first addresses; a new one is
-        made for each address beyond and appended to ``socks`` before it is
-        bound, so that whatever fails, the caller has every socket to close.
-        """
+        if not self._listeners:
+            # Not made to bind: binding the closed placeholder fails as such.
+            self._listeners = [self._listener_on(self.socket)]
+        listeners = self._listeners
         bound: list[Any] = []
         for index, address in enumerate(self.server_addresses):
             if index in self._same_port_as_previous and address[1] == 0:
                 address = (address[0], bound[-1][1])
-            if index == len(socks):
-                socks.append(self._new_socket(_family_of(address)))
-            bound.append(await self._bind(socks[index], address))
+            if index == len(listeners):
+                # Appended before it binds: whatever fails, server_close
+                # closes every socket made.
+                listeners.append(self._new_listener(family_of(address)))
+            bound.append(
+                await listeners[index].bind(
+                    address,
+                    reuse_address=self.allow_reuse_address,
+                    reuse_port=self.allow_reuse_port,
+                )
+            )
         self.server_address, *self.extra_addresses = bound
-
-    async def _bind(self, sock: trio.socket.SocketType, address: Any) -> Any:
-        if self.allow_reuse_address and sock.family != stdlib_socket.AF_UNIX:
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        # Unix sockets have no port to share: Linux refuses the option.
-        if (
-            self.allow_reuse_port
-            and hasattr(stdlib_socket, "SO_REUSEPORT")
-            and sock.family != stdlib_socket.AF_UNIX
-        ):
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-        # A Unix socket's path, unless in Linux's abstract namespace (a
-        # leading NUL), which has no file to manage.
-        path: str | bytes | None = None
-        if sock.family == stdlib_socket.AF_UNIX:
-            path = os.fspath(address)
-            if path[:1] in ("\0", b"\0", "", b""):
-                path = None
-        try:
-            if path is not None:
-                _remove_if_stale(path, self.socket_type)
-            await sock.bind(address)
-        except OSError as exc:
-            if exc.errno is None:
-                raise
-            # Say which address: a service often binds several. OSError()
-            # picks the subclass for the errno, so callers can still catch
-            # PermissionError and the like.
-            message = f"could not bind {address!r}: {exc.strerror}"
-            raise OSError(exc.errno, message) from exc
-        if path is not None:
-            info = os.stat(path)
-            self._socket_files.append((path, info.st_dev, info.st_ino))
-        return sock.getsockname()
+        if self._binding == "manual":
+            self._binding = "bound"
 
     async def server_activate(self) -> None:
         """Listen on every listener, with a backlog of :attr:`request_queue_size`."""
-        for sock in self.sockets:
-            self._listen(sock)
+        for listener in self._listeners:
+            listener.listen(self.request_queue_size)
         await trio.lowlevel.checkpoint()
 
     async def server_close(self) -> None:
@@ -532,34 +455,18 @@ class TCPServer(BaseServer):
         retries elsewhere, or a served one.
         """
         self._binding = "closed"
-        listeners = self._open_listeners()
-        backlog = self._take_backlog(listeners)
+        backlog = self._take_backlog()
         # No checkpoint since the backlog was emptied, so no connection can
         # have slipped in to be reset by the close.
-        self._close_listeners(listeners)
+        for listener in self._listeners:
+            listener.close()
         for request, client_address in backlog:
             # Handled in the serving nursery, never here: closing awaits no
             # user code, and these requests get the shutdown's grace period.
             self._hand_over(request, client_address)
         await trio.lowlevel.checkpoint()
 
-    def _open_listeners(self) -> list[trio.socket.SocketType]:
-        return [sock for sock in [self._socket, *self._extra_sockets] if sock]
-
-    def _close_listeners(self, listeners: list[trio.socket.SocketType]) -> None:
-        """Close the listening sockets; remove the socket files they made."""
-        for sock in listeners:
-            sock.close()
-        socket_files, self._socket_files = self._socket_files, []
-        for path, device, inode in socket_files:
-            with contextlib.suppress(FileNotFoundError):
-                info = os.stat(path)
-                if (info.st_dev, info.st_ino) == (device, inode):
-                    os.unlink(path)
-
-    def _take_backlog(
-        self, listeners: list[trio.socket.SocketType]
-    ) -> list[tuple[Any, Any]]:
+    def _take_backlog(self) -> list[tuple[Any, Any]]:
         """Take, without waiting, the requests that wait on the listeners.
 
         Only while serving (there is a nursery to handle them in), and only
@@ -570,38 +477,30 @@ class TCPServer(BaseServer):
         taken: list[tuple[Any, Any]] = []
         if serving is None:
             return taken
-        for listener in listeners:
-            sock = stdlib_socket_of(listener)
-            while sock is not None:
+        for listener in self._listeners:
+            while True:
                 if serving.slots is not None:
                     try:
                         serving.slots.acquire_nowait()
                     except trio.WouldBlock:
                         return taken
-                waiting = self._take_waiting(listener, sock)
+                waiting = listener.take_waiting()
                 if waiting is None:
                     serving.release_slot()
                     break
                 taken.append(waiting)
         return taken
 
-    def _take_waiting(
-        self, listener: trio.socket.SocketType, sock: stdlib_socket.socket
-    ) -> tuple[Any, Any] | None:
-        """The next connection in ``sock``'s backlog, without waiting; or None."""
-        try:
-            connection, client_address = sock.accept()
-        except OSError:
-            # Empty (EAGAIN), or a connection that died waiting.
-            return None
-        request = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
-        return request, client_address
-
     def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
-        if not self._extra_sockets:
-            return [self.get_request]
-        return [partial(self.get_request, sock) for sock in self.sockets]
+        if not is_marked(self.get_request, FORWARDING):
+            # Overridden: awaited for every request, with the listener's
+            # socket where there are several (see get_request).
+            if len(self._listeners) == 1:
+                return [self.get_request]
+            return [partial(self.get_request, sock) for sock in self.sockets]
+        return [listener.source() for listener in self._listeners]
 
+    @forwarding
     async def get_request(
         self, listener: trio.socket.SocketType | None = None
     ) -> tuple[Any, Any]:
@@ -614,8 +513,10 @@ class TCPServer(BaseServer):
         handshake.
         """
         sock = self.socket if listener is None else listener
-        connection, client_address = await sock.accept()
-        return trio.SocketStream(connection), client_address
+        for each in self._listeners:
+            if each.socket is sock:
+                return await each.source()()
+        raise ValueError(f"{sock!r} is not one of {self!r}'s listeners")
 
     def _prepares_requests(self) -> bool:
         return self.proxy_protocol != "off" or self.ssl_context is not None
@@ -705,13 +606,6 @@ class TCPServer(BaseServer):
             await close_without_reset(request, linger=self.drain_window)
 
 
-def _close_unused(sock: trio.socket.SocketType) -> None:
-    """Close a socket no task waits on, also outside ``trio.run`` (where
-    Trio's ``close()`` cannot tell the run it is closing)."""
-    inner = stdlib_socket_of(sock)
-    (sock if inner is None else inner).close()
-
-
 def _trusted_networks(
     mode: str, trusted: Sequence[str]
 ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network | str]:
@@ -793,31 +687,39 @@ class UDPServer(TCPServer):
     #: The longest datagram handled, in bytes.
     max_packet_size: int = 8192
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Paces the ready receives of every listener's accept loop.
-        self._pacer = Pacer()
+    def _listener_on(
+        self, sock: trio.socket.SocketType, origin: Origin = "made"
+    ) -> Listener:
+        """The listener for ``sock``: here, one that receives datagrams."""
+        return DatagramListener(
+            sock,
+            origin,
+            max_packet_size=self.max_packet_size,
+            oversized=self._drop_oversized,
+        )
 
     async def server_activate(self) -> None:
         """Nothing to do: datagram sockets do not listen."""
         await trio.lowlevel.checkpoint()
 
+    def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+        for listener in self._listeners:
+            # As it is when serving starts, like the server's other options.
+            assert isinstance(listener, DatagramListener)
+            listener.max_packet_size = self.max_packet_size
+        return super()._request_sources()
+
+    @forwarding
     async def get_request(
         self, listener: trio.socket.SocketType | None = None
     ) -> tuple[Any, Any]:
         """Receive a datagram; return ``((data, socket), client_address)``.
 
         Receives on ``listener``, by default :attr:`socket`, as for
-        :meth:`TCPServer.get_request`.
+        :meth:`TCPServer.get_request`. A datagram longer than
+        :attr:`max_packet_size` is dropped, and the next one taken.
         """
-        sock = self.socket if listener is None else listener
-        while True:
-            data, client_address = await receive_datagram(
-                sock, self.max_packet_size, self._pacer
-            )
-            if len(data) <= self.max_packet_size:
-                return (data, sock), client_address
-            self._drop_oversized(client_address)
+        return await super().get_request(listener)
 
     async def server_close(self) -> None:
         """Close the socket; while serving, once the requests in flight are done.
@@ -835,7 +737,7 @@ class UDPServer(TCPServer):
             await super().server_close()
             return
         self._binding = "closed"
-        for request, client_address in self._take_backlog(self._open_listeners()):
+        for request, client_address in self._take_backlog():
             self._hand_over(request, client_address)
         if not self._shutdown_signal.started:
             self._begin_shutdown(serving, self.shutdown_timeout)
@@ -844,20 +746,8 @@ class UDPServer(TCPServer):
     def _serving_ended(self) -> None:
         # The close that server_close put off until the last reply.
         if self._binding == "closed":
-            self._close_listeners(self._open_listeners())
-
-    def _take_waiting(
-        self, listener: trio.socket.SocketType, sock: stdlib_socket.socket
-    ) -> tuple[Any, Any] | None:
-        """The next datagram in ``sock``'s buffer, without waiting; or None."""
-        while True:
-            try:
-                data, client_address = sock.recvfrom(self.max_packet_size + 1)
-            except OSError:
-                return None
-            if len(data) <= self.max_packet_size:
-                return (data, listener), client_address
-            self._drop_oversized(client_address)
+            for listener in self._listeners:
+                listener.close()
 
     def _drop_oversized(self, client_address: Any) -> None:
         self.stats.malformed += 1
@@ -866,55 +756,6 @@ class UDPServer(TCPServer):
             client_address,
             self.max_packet_size,
         )
-
-    async def _accept_loop(
-        self,
-        serving: _Serving,
-        sources: list[Callable[[], Awaitable[tuple[Any, Any]]]],
-    ) -> None:
-        inner = stdlib_socket_of(self.socket)
-        if (
-            inner is None
-            or self._extra_sockets
-            or serving.slots is not None
-            or type(self).get_request is not UDPServer.get_request
-        ):
-            await super()._accept_loop(serving, sources)
-            return
-        # The common case: one socket, no bound on requests in flight, and
-        # get_request as it is here. Then the loop receives for itself, what
-        # get_request would do without the four coroutines between the
-        # socket and the handler that a datagram would otherwise pay for.
-        sock = self.socket
-        size = self.max_packet_size
-        # One byte more than size: a datagram that fills it is too long (see
-        # receive_datagram).
-        receive_size = size + 1
-        pacer = self._pacer
-        looks = 0
-        while True:
-            try:
-                data, client_address = inner.recvfrom(receive_size)
-            except BlockingIOError:
-                try:
-                    looks = await look_again_or_wait(inner, looks)
-                except trio.ClosedResourceError:
-                    return
-                continue
-            except OSError as exc:
-                if await self._get_request_failed(exc):
-                    continue
-                return
-            looks = 0
-            if len(data) > size:
-                self._drop_oversized(client_address)
-            else:
-                await self._handle_accepted(serving, (data, sock), client_address)
-            # Paced once the datagram is handled, not between its receive
-            # and its handling: a cancellation (the shutdown's) then never
-            # strikes a datagram already taken.
-            if pacer.due():
-                await trio.lowlevel.checkpoint()
 
     def _prepares_requests(self) -> bool:
         return self.proxy_protocol != "off"
@@ -952,32 +793,6 @@ class UDPServer(TCPServer):
     @skippable
     async def close_request(self, request: Any) -> None:
         """Nothing to do: a datagram has no connection of its own."""
-
-
-def _remove_if_stale(path: str | bytes, socket_type: stdlib_socket.SocketKind) -> None:
-    """Unlink the socket file at ``path`` if no process listens on it any more.
-
-    A server that died without closing leaves its socket file behind, and
-    binding over it fails. We may remove it only if nobody answers: a
-    refused connection proves that. A live server accepts (and is left
-    alone, so bind reports ``EADDRINUSE``); anything that is not a socket
-    is left alone too.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        return
-    with stdlib_socket.socket(stdlib_socket.AF_UNIX, socket_type) as probe:
-        probe.setblocking(False)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            LOGGER.info("removing stale socket file %r", path)
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 class UnixStreamServer(TCPServer):

@@ -27,8 +27,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -217,51 +217,6 @@ async def receive_when_ready(
         if scopes is not None and scope is not None:
             scopes.close_wait_scope(scope)
     return receive(source, size)
-
-
-async def look_again_or_wait(sock: socket.socket, looks: int) -> int:
-    """One step of :func:`receive_when_ready`'s loop, for a caller's own loop.
-
-    After a receive found ``sock`` empty: below :data:`LOOKS_BEFORE_WAITING`
-    ``looks`` this checkpoints and returns ``looks + 1`` (the caller then
-    receives again); otherwise it waits until ``sock`` is readable and
-    returns 0. Prefer :func:`receive_when_ready`, which runs the whole loop.
-    """
-    if looks < LOOKS_BEFORE_WAITING:
-        await trio.lowlevel.checkpoint()
-        return looks + 1
-    await trio.lowlevel.wait_readable(sock)
-    return 0
-
-
-def _try_receive_from(sock: socket.socket, size: int) -> tuple[bytes, Any] | None:
-    try:
-        return sock.recvfrom(size)
-    except BlockingIOError:
-        return None
-
-
-def receive_datagram(
-    sock: trio.socket.SocketType, size: int, pacer: Pacer
-) -> Awaitable[tuple[bytes, Any]]:
-    """The next datagram on ``sock``: ``await`` it for ``(data, sender)``.
-
-    ``data`` holds at most ``size + 1`` bytes: a datagram longer than
-    ``size`` comes back longer than ``size``, cut short. That is how
-    ``recvfrom`` tells it (why not ``recvmsg``'s ``MSG_TRUNC``: see
-    benchmarks/README.md, "Measured costs behind the code: recvfrom, not
-    recvmsg").
-    """
-    # Not a coroutine itself but the one that receives: one coroutine
-    # fewer per datagram.
-    inner = stdlib_socket_of(sock)
-    if inner is None:
-        return sock.recvfrom(size + 1)
-    datagram = receive_when_ready(
-        _try_receive_from, inner, size + 1, inner, pacer, None
-    )
-    # Without scopes the loop never gives up, so it never returns None.
-    return cast(Awaitable[tuple[bytes, Any]], datagram)
 
 
 def _try_peek(sock: socket.socket, size: int) -> bytes | None:

@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 import attrs
 import trio
 
+from ._listeners import Listener, new_socket
 from ._server import BaseServer
 from ._signals import STOP_SIGNALS, serve_until_signalled
 from ._socket_servers import TCPServer
@@ -79,13 +80,19 @@ class _Listener:
             return self.shared
         sock, self.spare = self.spare, None
         if sock is None:
-            sock = self.server._new_socket(self.family)
+            server = self.server
+            listener = Listener(new_socket(self.family, server.socket_type))
             try:
-                await self.server._bind(sock, self.address)
+                await listener.bind(
+                    self.address,
+                    reuse_address=server.allow_reuse_address,
+                    reuse_port=True,
+                )
             except BaseException:
-                sock.close()
+                listener.close()
                 raise
-            self.server._listen(sock)
+            listener.listen(server.request_queue_size)
+            sock = listener.socket
         return sock
 
 
@@ -111,17 +118,13 @@ async def _bind_listeners(server: TCPServer, reuse_port: bool) -> list[_Listener
             for sock in server.sockets
         ]
     server.allow_reuse_port = reuse_port
-    socks: list[trio.socket.SocketType] = []
-    try:
-        # Sets the addresses the start-up line reports, with port 0 resolved.
-        await server._bind_addresses(socks)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
+    # Binds and listens, as `async with server` does (a failure leaves no
+    # socket open), and sets the addresses the start-up line reports, with
+    # port 0 resolved. The sockets go to the workers; the server itself
+    # never serves here.
+    await server.__aenter__()
     listeners: list[_Listener] = []
-    for sock, address in zip(socks, server.server_addresses, strict=True):
-        server._listen(sock)
+    for sock, address in zip(server.sockets, server.server_addresses, strict=True):
         listener = _Listener(server, sock.family, address)
         ip = sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6)
         if reuse_port and ip:
@@ -343,7 +346,7 @@ def _worker_main(
         if len(servers) != len(made) or listeners != [len(s) for s in sockets]:
             raise RuntimeError("make_servers() made different servers in a worker")
         for server, socks in zip(servers, sockets, strict=True):
-            server._adopt(socks)
+            server.adopt_sockets(socks)
     except BaseException:
         for socks in sockets:
             for sock in socks:
