@@ -81,6 +81,39 @@ async def test_listeners_share_one_concurrency_bound(sock_dir: str) -> None:
             assert await roundtrip(unix, b"") == b"unix\n"
 
 
+async def test_a_connection_waiting_above_the_bound_is_served_at_shutdown() -> None:
+    # Each listener's accept task holds the one connection it took while the
+    # bound is reached. A shutdown then must not drop it: it reached the
+    # server, so it waits on for a slot, within the grace period.
+    release = trio.Event()
+
+    class Holder(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            line = await self.rfile.readline()
+            if line == b"hold\n":
+                await release.wait()
+            await self.wfile.write(line)
+
+    server = trioserve.TCPServer(("127.0.0.1", 0), Holder, max_concurrent_requests=1)
+    with trio.fail_after(10):
+        async with serving(server):
+            async with (
+                await open_stream(server.server_address) as held,
+                await open_stream(server.server_address) as waiting,
+            ):
+                await held.send_all(b"hold\n")
+                await waiting.send_all(b"waiting\n")
+                await trio.testing.wait_all_tasks_blocked()
+                assert (server.stats.accepted, server.stats.active) == (1, 1)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(server.shutdown)
+                    await trio.testing.wait_all_tasks_blocked()
+                    release.set()
+                    assert await roundtrip(held, b"") == b"hold\n"
+                    assert await roundtrip(waiting, b"") == b"waiting\n"
+    assert server.stats.completed == 2
+
+
 async def test_one_shutdown_lets_idle_clients_of_every_listener_go(
     sock_dir: str,
 ) -> None:
