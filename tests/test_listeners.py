@@ -214,6 +214,32 @@ async def test_requests_ready_on_several_listeners_at_once_are_all_served(
     assert server.stats.completed == 2
 
 
+async def test_handle_request_serves_every_request_its_listeners_took(
+    sock_dir: str,
+) -> None:
+    # Both listeners have a connection waiting when handle_request starts,
+    # so both accept before the first request stops the other: the one
+    # call serves both, and resets neither.
+    path = os.path.join(sock_dir, "s")
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo, extra_addresses=[path])
+    async with server:
+        tcp = await open_stream(server.server_address)
+        unix = await open_stream(path)
+        async with tcp, unix:
+            for client in (tcp, unix):
+                await client.send_all(b"both\n")
+                await client.send_eof()
+            with trio.fail_after(5):
+                await server.handle_request()
+            for client in (tcp, unix):
+                reply = b""
+                with trio.fail_after(5):
+                    while chunk := await client.receive_some():
+                        reply += chunk
+                assert reply == b"both\n"
+    assert (server.stats.accepted, server.stats.completed) == (2, 2)
+
+
 # -- address families, and both families on one port -------------------------
 
 requires_ipv6 = pytest.mark.skipif(

@@ -616,7 +616,7 @@ class BaseServer:
                 return accepted
 
     def _hand_over(self, request: Any, client_address: Any) -> None:
-        """Handle a request accepted outside the accept loop, in the nursery.
+        """Handle a request taken outside the accept tasks, in the nursery.
 
         For connections taken from the backlog as the listener closes: the
         caller (closing) awaits nothing of the user's, and the request gets
@@ -835,7 +835,7 @@ class BaseServer:
 
         The task awaits :meth:`finish_request`, then :meth:`shutdown_request`.
         (A handler class whose ``inline`` is true is handled right here
-        instead, in the accept loop, one request at a time.)
+        instead, in its listener's accept task, one request at a time.)
         An override should await ``super().process_request(...)``: that task
         also keeps the counters and the ``max_concurrent_requests`` bound.
         """
