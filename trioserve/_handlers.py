@@ -92,10 +92,11 @@ class BaseRequestHandler:
     finish_timeout: float | None = 2.0
     #: True for a handler that does no I/O of its own but its reply, such as
     #: a datagram echo: the server then runs it inline, in the accept task of
-    #: the listener that took the request, without a task of its own. That is much cheaper per request, but
-    #: requests are then handled one at a time, so a handler that waits on
-    #: anything else must leave this False. The server reads it when serving
-    #: starts, and when its ``RequestHandlerClass`` is set.
+    #: the listener that took the request, without a task of its own. That
+    #: is much cheaper per request, but requests are then handled one at a
+    #: time, so a handler that waits on anything else must leave this False.
+    #: The server reads it when serving starts, and when its
+    #: ``RequestHandlerClass`` is set.
     inline: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

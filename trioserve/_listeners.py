@@ -301,14 +301,16 @@ class DatagramListener(Listener):
     pacer: Pacer = attrs.Factory(Pacer)
 
     def source(self) -> Callable[[], Awaitable[Accepted]]:
-        inner = stdlib_socket_of(self.socket)
-        if inner is None:
+        try_receive = self._try_receive()
+        if try_receive is None:
             return self.receive
-        # The fast path: the loop itself, with no coroutine of ours around it
-        # (see benchmarks/README.md, "Measured costs behind the code:
-        # inlined datagram read"). It never gives up, so never returns None.
+        # The fast path: the one receive-and-wait loop itself, with no
+        # coroutine of ours around it (see benchmarks/README.md, "Measured
+        # costs behind the code: inlined datagram read"). It never gives
+        # up, so it never returns None.
+        inner = cast(stdlib_socket.socket, stdlib_socket_of(self.socket))
         receive = partial(
-            receive_when_ready, _try_receive, self, 0, inner, self.pacer, None
+            receive_when_ready, try_receive, None, 0, inner, self.pacer, None
         )
         return cast(Callable[[], Awaitable[Accepted]], receive)
 
@@ -316,38 +318,48 @@ class DatagramListener(Listener):
         """Receive the next datagram, through Trio's socket."""
         while True:
             # One byte more than the bound: a datagram that fills it is too
-            # long (see _socketio.receive_datagram).
+            # long (how recvfrom tells it; see benchmarks/README.md,
+            # "Measured costs behind the code: recvfrom, not recvmsg").
             data, sender = await self.socket.recvfrom(self.max_packet_size + 1)
             if len(data) <= self.max_packet_size:
                 return (data, self.socket), sender
             self.oversized(sender)
 
     def take_waiting(self) -> Accepted | None:
-        sock = stdlib_socket_of(self.socket)
-        if sock is None:
+        try_receive = self._try_receive()
+        if try_receive is None:
             return None
         with contextlib.suppress(OSError):
-            return _try_receive(self, 0)
+            return try_receive(None, 0)
         return None
 
+    def _try_receive(self) -> Callable[[object, int], Accepted | None] | None:
+        """A function that returns the next datagram ready, or None; it never
+        waits. None where the stdlib socket cannot be had.
 
-def _try_receive(listener: DatagramListener, _: int) -> Accepted | None:
-    """The next datagram ready in ``listener``'s socket, or None; never waits.
-
-    For :func:`~trioserve._socketio.receive_when_ready`, whose size argument
-    it ignores: the listener knows its bound.
-    """
-    sock = listener.socket
-    inner = cast(stdlib_socket.socket, stdlib_socket_of(sock))
-    size = listener.max_packet_size
-    while True:
-        try:
-            data, sender = inner.recvfrom(size + 1)
-        except BlockingIOError:
+        Its arguments are the ones ``receive_when_ready`` passes, unused:
+        what it needs is bound here, once, rather than looked up for every
+        datagram.
+        """
+        sock = self.socket
+        inner = stdlib_socket_of(sock)
+        if inner is None:
             return None
-        if len(data) <= size:
-            return (data, sock), sender
-        listener.oversized(sender)
+        size = self.max_packet_size
+        receive_size = size + 1  # see receive
+        oversized = self.oversized
+
+        def try_receive(_source: object, _size: int) -> Accepted | None:
+            while True:
+                try:
+                    data, sender = inner.recvfrom(receive_size)
+                except BlockingIOError:
+                    return None
+                if len(data) <= size:
+                    return (data, sock), sender
+                oversized(sender)
+
+        return try_receive
 
 
 @attrs.define(eq=False)
