@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proxy_headers import build_v1, build_v2
 from test_cli import EXIT_TIMEOUT, IO_TIMEOUT, ipv6_loopback_available
 from test_examples import (
     EXAMPLES,
@@ -38,8 +39,6 @@ from test_examples import (
     parse_address,
     run_example,
 )
-
-from trioserve._proxy import build_v1, build_v2
 
 PRODUCTION = EXAMPLES / "production"
 HAPROXY_CFG = EXAMPLES / "deploy" / "haproxy.cfg"

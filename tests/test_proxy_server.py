@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from proxy_headers import build_v1, build_v2
 from test_server import serving
 
 import trioserve
-from trioserve._proxy import build_v1, build_v2
 
 
 class WhoAmI(trioserve.StreamRequestHandler):

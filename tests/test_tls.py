@@ -12,11 +12,11 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from proxy_headers import build_v2
 from support import tls_contexts
 from test_server import Echo, serving
 
 import trioserve
-from trioserve._proxy import build_v2
 
 contexts = tls_contexts
 
