@@ -827,11 +827,21 @@ def test_every_truncation_is_incomplete_not_an_error(
 # --- Reading from a stream socket --------------------------------------------
 
 STREAM_EXAMPLES = [
-    b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n",
-    b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n",
-    v2(0x21, 0x11, ipv4_block("1.2.3.4", "5.6.7.8", 1, 2) + tlv(PP2_TYPE_ALPN, b"h2")),
-    v2(0x21, 0x31, unix_field(b"/run/client.sock") + unix_field(b"/run/app.sock")),
-    v2(0x20, 0x00),
+    pytest.param(b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n", id="v1"),
+    pytest.param(b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n", id="v1-longest"),
+    pytest.param(
+        v2(
+            0x21,
+            0x11,
+            ipv4_block("1.2.3.4", "5.6.7.8", 1, 2) + tlv(PP2_TYPE_ALPN, b"h2"),
+        ),
+        id="v2-tlv",
+    ),
+    pytest.param(
+        v2(0x21, 0x31, unix_field(b"/run/client.sock") + unix_field(b"/run/app.sock")),
+        id="v2-unix",
+    ),
+    pytest.param(v2(0x20, 0x00), id="v2-local"),
 ]
 
 

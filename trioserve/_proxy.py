@@ -12,17 +12,14 @@ format is HAProxy's ``proxy-protocol.txt``:
   family-and-protocol byte, a 2-byte big-endian length, then that many bytes
   of addresses followed by type-length-value fields (TLVs).
 
-:func:`parse_proxy_header` does no I/O, in the manner of h11's readers: it
-takes the bytes received so far and returns the header and how many bytes it
-took, or ``None`` if it needs more; it raises :exc:`ProxyProtocolError` as
-soon as the bytes prove the header invalid. :func:`receive_proxy_header`
-reads a header off a stream socket by peeking, so that the bytes after it (a
-TLS handshake, say) stay in the socket for whatever reads next.
+:func:`parse_proxy_header` does no I/O, like h11's readers: bytes in; the
+header and how many bytes it took, or ``None`` for "need more", out.
+:func:`receive_proxy_header` reads a header off a stream socket by peeking,
+so what follows stays in the socket for the TLS layer or the handler.
 
 TLVs are checked (each must fit in the header) but not kept: nothing hands
-the header to a handler, which gets only the client's address. The
-specification asks receivers to accept a header only from trusted proxies
-and within a timeout; both are the caller's job.
+the header to a handler, which gets only the client's address. Trusting
+only known proxies, and a timeout, are the caller's job.
 """
 
 from __future__ import annotations
