@@ -38,9 +38,8 @@ from support.examples import (
     run_example,
 )
 from support.haproxy import HAPROXY, check_haproxy_config
+from support.proxy_headers import build_v1, build_v2
 from support.servers import free_port, ipv6_loopback_available
-
-from trioserve._proxy import build_v1, build_v2
 
 PRODUCTION = EXAMPLES / "production"
 HAPROXY_CFG = EXAMPLES / "deploy" / "haproxy.cfg"

@@ -31,16 +31,11 @@ import pytest
 import trio
 import trio.testing
 from support.cli import IO_TIMEOUT, assert_clean, run_echo
+from support.proxy_headers import build_v1, build_v2
 from support.servers import ipv6_loopback_available, serving
 
 import trioserve
-from trioserve._proxy import (
-    V2_SIGNATURE,
-    ProxyProtocolError,
-    build_v1,
-    build_v2,
-    parse_proxy_header,
-)
+from trioserve._proxy import V2_SIGNATURE, ProxyProtocolError, parse_proxy_header
 
 # Bounds each test's body: far longer than any of them takes.
 TEST_TIMEOUT = 2 * IO_TIMEOUT
@@ -435,10 +430,9 @@ def damaged_datagrams(draw: st.DrawFn) -> bytes:
 
 def is_valid_v2(datagram: bytes) -> bool:
     try:
-        parse_proxy_header(datagram, "v2")
+        return parse_proxy_header(datagram, "v2") is not None
     except ProxyProtocolError:
         return False
-    return True
 
 
 @hypothesis.settings(max_examples=60, deadline=None, database=None)

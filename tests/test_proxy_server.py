@@ -15,10 +15,10 @@ import pytest
 import trio
 import trio.testing
 from support.haproxy import HAPROXY, run_haproxy, wait_for_port
+from support.proxy_headers import build_v1, build_v2
 from support.servers import Echo, free_port, serving
 
 import trioserve
-from trioserve._proxy import build_v1, build_v2
 
 
 class WhoAmI(trioserve.StreamRequestHandler):

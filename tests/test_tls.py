@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from support.proxy_headers import build_v2
 from support.servers import Echo, serving, tls_contexts
 
 import trioserve
-from trioserve._proxy import build_v2
 
 
 async def test_tls_echo_and_connection_type() -> None:

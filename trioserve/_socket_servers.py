@@ -27,10 +27,11 @@ from ._listeners import (
 )
 from ._plan import FORWARDING, forwarding, is_marked, skippable
 from ._proxy import (
-    ProxyHeaderParser,
     ProxyMode,
     ProxyProtocolError,
+    ended_early,
     parse_proxy_header,
+    receive_proxy_header,
 )
 from ._server import DEFAULT, BaseServer, _Default
 from ._socketio import wait_until_spoken
@@ -568,21 +569,17 @@ class TCPServer(BaseServer):
         """
         return await wait_until_spoken(stream, self._shutdown_signal)
 
-    async def _read_proxy_header(self, stream: trio.abc.Stream, peer: Any) -> Any:
+    async def _read_proxy_header(self, stream: trio.SocketStream, peer: Any) -> Any:
         """The client address a trusted proxy's header gives; None to drop."""
         if not _is_trusted(peer, self._trusted_networks):
             self._drop_warnings.warning(
                 "closed a connection from %r: not a trusted proxy", peer
             )
             return None
-        parser = ProxyHeaderParser(cast(ProxyMode, self.proxy_protocol))
-        header = None
+        mode = cast(ProxyMode, self.proxy_protocol)
         try:
-            # Ask for no more than the header can still hold, so that what
-            # follows it stays in the socket for the TLS layer or the handler.
-            while header is None:
-                header = parser.feed(await stream.receive_some(parser.next_needed))
-        except (ProxyProtocolError, trio.BrokenResourceError) as exc:
+            header = await receive_proxy_header(stream.socket, mode)
+        except (ProxyProtocolError, OSError) as exc:
             self._drop_warnings.warning("closed a connection from %r: %s", peer, exc)
             return None
         return peer if header.source is None else header.source
@@ -783,10 +780,14 @@ class UDPServer(TCPServer):
         data, sock = request
         try:
             # Version 2 whatever the mode: version 1 has no datagram form.
-            header, payload = parse_proxy_header(data, "v2")
+            parsed = parse_proxy_header(data, "v2")
+            if parsed is None:
+                raise ended_early(data)
         except ProxyProtocolError as exc:
             self._drop_warnings.warning("dropped a datagram from %r: %s", sender, exc)
             return None
+        header, length = parsed
+        payload = data[length:]
         client_address = sender if header.source is None else header.source
         return _RelayedDatagram(payload, sock, sender), client_address
 
