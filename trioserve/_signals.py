@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
 
 from ._server import BaseServer, counted
+from ._socketio import LOOKS_BEFORE_WAITING
 
 LOGGER = logging.getLogger("trioserve")
 
 # The signals that stop a service: the first shuts down gracefully, a second
 # cancels what is still running.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What a service watches: those, and SIGHUP, which it ignores.
+WATCHED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
 async def serve_until_signalled(
@@ -43,9 +46,8 @@ async def serve_until_signalled(
     Returns:
       True if the shutdown was graceful; False if a second signal forced it.
     """
-    shutting_down = forced = False
-    watched = (*STOP_SIGNALS, signal.SIGHUP)
-    with trio.open_signal_receiver(*watched) as signals:
+    forced = False
+    with trio.open_signal_receiver(*WATCHED_SIGNALS) as signals:
         async with AsyncExitStack() as stack:
             for server in servers:
                 await stack.enter_async_context(server)
@@ -66,25 +68,56 @@ async def serve_until_signalled(
                 for server in servers:
                     await nursery.start(server.serve_forever)
                 task_status.started([server.server_address for server in servers])
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if signum not in STOP_SIGNALS:
-                        LOGGER.info("%s: ignored; send SIGTERM to stop", name)
-                    elif shutting_down:
-                        LOGGER.warning("%s again: cancelling every request", name)
-                        forced = True
-                        nursery.cancel_scope.cancel()
-                    else:
-                        shutting_down = True
-                        active = sum(server.stats.active for server in servers)
-                        idle = sum(server.stats.idle for server in servers)
-                        LOGGER.warning(
-                            "%s: shutting down; %s in flight and %s, with up to "
-                            "%s s to finish",
-                            name,
-                            counted(active - idle, "request"),
-                            counted(idle, "idle connection"),
-                            max(server.shutdown_timeout for server in servers),
-                        )
-                        nursery.start_soon(shut_down_all)
+
+                async def stop(name: str) -> None:
+                    # A handler that has just replied is about to wait for its
+                    # next message: it looks again a few times first (see
+                    # _socketio.receive_when_ready), and only then counts as
+                    # idle. Let it get there, so the count is of connections,
+                    # not of a moment.
+                    for _ in range(LOOKS_BEFORE_WAITING + 1):
+                        await trio.lowlevel.checkpoint()
+                    active = sum(server.stats.active for server in servers)
+                    idle = sum(server.stats.idle for server in servers)
+                    LOGGER.warning(
+                        "%s: shutting down; %s in flight and %s, with up to "
+                        "%s s to finish",
+                        name,
+                        counted(active - idle, "request"),
+                        counted(idle, "idle connection"),
+                        max(server.shutdown_timeout for server in servers),
+                    )
+                    nursery.start_soon(shut_down_all)
+
+                def force(name: str) -> None:
+                    nonlocal forced
+                    LOGGER.warning("%s again: cancelling every request", name)
+                    forced = True
+                    nursery.cancel_scope.cancel()
+
+                await follow_stop_signals(signals, stop, force)
     return not forced
+
+
+async def follow_stop_signals(
+    signals: AsyncIterator[int],
+    stop: Callable[[str], Awaitable[None]],
+    force: Callable[[str], None],
+) -> None:
+    """The one loop over a service's signals, until ``signals`` ends.
+
+    The first SIGINT or SIGTERM awaits ``stop`` (a graceful stop), a second
+    calls ``force``; each is given the signal's name. Any other signal of
+    :data:`WATCHED_SIGNALS` (SIGHUP) is logged and otherwise ignored, so
+    closing a terminal does not kill the service.
+    """
+    stopping = False
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum not in STOP_SIGNALS:
+            LOGGER.info("%s: ignored; send SIGTERM to stop", name)
+        elif stopping:
+            force(name)
+        else:
+            stopping = True
+            await stop(name)

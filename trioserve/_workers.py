@@ -18,7 +18,7 @@ import trio
 
 from ._listeners import Listener, new_socket
 from ._server import BaseServer
-from ._signals import STOP_SIGNALS, serve_until_signalled
+from ._signals import WATCHED_SIGNALS, follow_stop_signals, serve_until_signalled
 from ._socket_servers import TCPServer
 
 if sys.version_info < (3, 11):
@@ -462,10 +462,9 @@ async def serve_in_workers(
         if not isinstance(server, TCPServer):
             raise TypeError(f"{server!r} has no sockets to share with workers")
         templates.append(server)
-    watched = (*STOP_SIGNALS, signal.SIGHUP)
     listeners: list[list[_Listener]] = []
     try:
-        with trio.open_signal_receiver(*watched) as signals:
+        with trio.open_signal_receiver(*WATCHED_SIGNALS) as signals:
             for server in templates:
                 listeners.append(await _bind_listeners(server, reuse_port))
             timeout = max((server.shutdown_timeout for server in templates), default=0)
@@ -498,20 +497,22 @@ async def _supervise(
         for number in range(1, supervisor.count + 1):
             await nursery.start(supervisor.keep_running, number)
         task_status.started([server.server_address for server in templates])
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum not in STOP_SIGNALS:
-                LOGGER.info("%s: ignored; send SIGTERM to stop", name)
-            elif supervisor.stopping:
-                LOGGER.warning("%s again: workers cancel every request", name)
-                forced = True
-                supervisor.signal_all(signal.SIGTERM)
-            else:
-                LOGGER.warning(
-                    "%s: stopping %d workers; requests in flight get up to %s s",
-                    name,
-                    len(supervisor.workers),
-                    supervisor.shutdown_timeout,
-                )
-                nursery.start_soon(supervisor.stop, nursery.cancel_scope)
+
+        async def stop(name: str) -> None:
+            LOGGER.warning(
+                "%s: stopping %d workers; requests in flight get up to %s s",
+                name,
+                len(supervisor.workers),
+                supervisor.shutdown_timeout,
+            )
+            nursery.start_soon(supervisor.stop, nursery.cancel_scope)
+            await trio.lowlevel.checkpoint()
+
+        def force(name: str) -> None:
+            nonlocal forced
+            LOGGER.warning("%s again: workers cancel every request", name)
+            forced = True
+            supervisor.signal_all(signal.SIGTERM)
+
+        await follow_stop_signals(signals, stop, force)
     return forced
