@@ -377,8 +377,10 @@ class AcceptErrors:
     )
     delay: float = ACCEPT_RETRY_DELAY
 
-    async def retry_after(self, exc: OSError) -> bool:
+    async def retry_after(self, exc: OSError | trio.ClosedResourceError) -> bool:
         """Deal with ``exc``: True to try again, False if the socket is closed."""
+        if isinstance(exc, trio.ClosedResourceError):
+            return False
         if exc.errno in ACCEPT_CLOSED_ERRNOS:
             return False
         if exc.errno in ACCEPT_CAPACITY_ERRNOS:
