@@ -176,6 +176,35 @@ async def test_a_proxy_that_sends_no_header_times_out(
     assert server.stats.dropped == 1
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(build_v1(("203.0.113.7", 40000), ("192.0.2.1", 443)), id="v1"),
+        pytest.param(build_v2(("203.0.113.7", 40000), ("192.0.2.1", 443)), id="v2"),
+    ],
+)
+async def test_a_proxy_that_stalls_mid_header_times_out(
+    header: bytes,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The reader has taken the first half and waits for the rest: that wait
+    # is part of the handshake too, and ends with it.
+    server = proxy_server(handshake_timeout=4)
+    async with serving(server):
+        async with await trio.open_tcp_stream(*server.server_address) as stalled:
+            start = trio.current_time()
+            await stalled.send_all(header[: len(header) // 2])
+            with trio.fail_after(60):
+                assert await stalled.receive_some() == b""
+            assert trio.current_time() - start == pytest.approx(4)
+        async with await trio.open_tcp_stream(*server.server_address) as good:
+            await good.send_all(header)
+            assert await read_line(good) == b"('203.0.113.7', 40000)\n"
+    assert (server.stats.dropped, server.stats.completed) == (1, 1)
+    assert "no PROXY header in time" in caplog.text
+
+
 async def test_a_proxied_client_yet_to_speak_gets_the_grace_period() -> None:
     # Behind a proxy a new connection stands for a client that has just
     # connected; its first line may be a round trip behind the header. A
