@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import pickle
 import shutil
 import signal
 import socket
@@ -23,8 +25,10 @@ from trioserve._cli import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_TIMEOUT,
     _build_parser,
-    _servers_for,
+    describe,
+    worker_servers,
 )
+from trioserve._service import UsageError, make_servers
 
 HANDLERS = """
 import trioserve
@@ -409,12 +413,60 @@ def test_default_timeouts_and_off(
     monkeypatch.chdir(workdir)
     monkeypatch.syspath_prepend(str(workdir))
     for argv, timeout, idle_timeout in cases:
-        [server] = _servers_for(parser.parse_args([*argv, "--tcp", ":0"]))
+        [server] = make_servers(describe(parser.parse_args([*argv, "--tcp", ":0"])))
         handler = server.RequestHandlerClass
         assert issubclass(handler, trioserve.StreamRequestHandler), argv
         assert handler.timeout == timeout, argv
         assert server.idle_timeout == idle_timeout, argv
         assert server.request_timeout is None, argv
+
+
+def test_the_arguments_make_a_frozen_description_the_workers_share(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What --workers hands each worker is a plain partial of a frozen
+    # description: made from the arguments without changing them, equal each
+    # time, and making the same servers after a trip through pickle.
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    parser = _build_parser()
+    for argv, kinds in [
+        (["echo", "--max-concurrent", "5"], [trioserve.TCPServer, trioserve.UDPServer]),
+        (["serve", "my_handlers:Upper", "--udp", ":0"], None),  # a usage error
+        (["serve", "my_handlers:OwnTimeout", "--unix", "s"], [trioserve.TCPServer]),
+    ]:
+        args = parser.parse_args(argv)
+        before = vars(args).copy()
+        service = describe(args)
+        assert vars(args) == before, argv
+        assert describe(args) == service, argv
+        factory = functools.partial(worker_servers, service, "info", "text")
+        copy = pickle.loads(pickle.dumps(factory))
+        assert copy.func is worker_servers
+        assert copy.args == (service, "info", "text")
+        if kinds is None:
+            with pytest.raises(
+                UsageError, match="--udp needs a DatagramRequestHandler"
+            ):
+                make_servers(copy.args[0])
+            continue
+        made = [make_servers(service), make_servers(copy.args[0])]
+        seen = [
+            [
+                (
+                    type(server),
+                    getattr(server, "server_addresses", None),
+                    server.max_concurrent_requests,
+                    server.idle_timeout,
+                    server.RequestHandlerClass.__mro__[1:],
+                    getattr(server.RequestHandlerClass, "timeout", None),
+                )
+                for server in servers
+            ]
+            for servers in made
+        ]
+        assert seen[0] == seen[1], argv
+        assert [type(server) for server in made[0]] == kinds, argv
 
 
 def run_with_short_defaults(

@@ -571,6 +571,14 @@ MALFORMED = [
         id="v2-local-over-cap",
     ),
     pytest.param(
+        # Found by hypothesis: the word's start is known, but a byte that is
+        # not a space ends it.
+        b"PROXY UNKNOWN\r\x80\r\n",
+        "v1",
+        r"unknown PROXY v1 protocol 'UNKNOWN\\r\\x80'",
+        id="v1-word-ended-by-cr",
+    ),
+    pytest.param(
         v2(0x21, 0x11, ipv4_block("1.2.3.4", "5.6.7.8", 1, 2) + b"\x01\x00"),
         "auto",
         r"PROXY v2 TLV at byte 28 is cut short.*2 left",

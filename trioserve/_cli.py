@@ -11,27 +11,27 @@ import logging
 import math
 import os
 import re
-import socket
-import ssl
 import sys
 import traceback
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal, NoReturn
 
 import trio
 
-from . import __version__
+from . import __version__, _service
 from ._activation import systemd_sockets
-from ._echo import EchoDatagramHandler, EchoStreamHandler
-from ._handlers import (
-    BaseRequestHandler,
-    DatagramRequestHandler,
-    StreamRequestHandler,
-    SyncHookError,
-)
 from ._server import BaseServer
+from ._service import (
+    DATAGRAM_LISTENERS,
+    STREAM_LISTENERS,
+    HandlerImportError,
+    Service,
+    UsageError,
+    make_servers,
+)
 from ._signals import serve_until_signalled
-from ._socket_servers import TCPServer, UDPServer
+from ._socket_servers import UDPServer
 from ._workers import serve_in_workers
 
 # Allocations between young-generation collections (CPython's default: 700).
@@ -55,12 +55,6 @@ EXIT_FORCED = 1
 EXIT_USAGE = 2
 EXIT_IMPORT_FAILED = 3
 
-# The listener options of each kind. Stream listeners take stream handlers,
-# datagram listeners datagram handlers; each kind makes one server, so its
-# listeners share one concurrency bound, one shutdown and one set of counters.
-STREAM_LISTENERS = ("tcp", "unix")
-DATAGRAM_LISTENERS = ("udp", "unix_dgram")
-
 
 def _kind(server: BaseServer, address: Any) -> str:
     """How the start-up line names a listener: TCP, UDP, UNIX or UNIX-DGRAM."""
@@ -72,19 +66,6 @@ def _kind(server: BaseServer, address: Any) -> str:
     if getattr(server, "ssl_context", None) is not None:
         kind += "+TLS"
     return kind
-
-
-class UsageError(Exception):
-    """A mistake on the command line, reported as one line and exit status 2."""
-
-
-class HandlerImportError(Exception):
-    """The handler's module raised while it was imported: the user's bug."""
-
-    def __init__(self, module_name: str, error: BaseException) -> None:
-        super().__init__(module_name, error)
-        self.module_name = module_name
-        self.error = error
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -389,53 +370,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_missing(module_name: str, error: ImportError) -> bool:
-    """Whether ``error`` says ``module_name`` (or a package of it) is absent.
-
-    Not an import that fails inside the module: that is the module's bug.
-    """
-    if not isinstance(error, ModuleNotFoundError) or error.name is None:
-        return False
-    return module_name == error.name or module_name.startswith(error.name + ".")
-
-
-def load_handler(spec: str) -> type[BaseRequestHandler]:
-    """Import ``package.module:ClassName`` and check it is a handler class.
-
-    Raises:
-      UsageError: ``spec`` names no module, or no handler class in it.
-      HandlerImportError: The module raised while it was imported.
-    """
-    module_name, sep, class_name = spec.partition(":")
-    if not sep or not module_name or not class_name:
-        raise UsageError(f"handler {spec!r} is not package.module:ClassName")
-    # Like `python -m`, let handlers in the current directory be found even
-    # when we run as the installed `trioserve` script.
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except SyncHookError as exc:
-        raise UsageError(str(exc)) from None
-    except ImportError as exc:
-        if not _is_missing(module_name, exc):
-            raise HandlerImportError(module_name, exc) from None
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
-    except Exception as exc:  # SyntaxError too: whatever the module raised
-        raise HandlerImportError(module_name, exc) from None
-    handler = getattr(module, class_name, None)
-    if handler is None:
-        raise UsageError(f"module {module_name!r} has no {class_name!r}")
-    if not (isinstance(handler, type) and issubclass(handler, BaseRequestHandler)):
-        raise UsageError(f"{spec!r} is not a trioserve request handler class")
-    if handler.handle is BaseRequestHandler.handle:
-        raise UsageError(
-            f"{spec!r} does not override handle(), so it would close every "
-            "connection at once"
-        )
-    return handler
-
-
 def _print_import_failure(failure: HandlerImportError) -> None:
     """The traceback of the user's module, without importlib's frames."""
     error = failure.error
@@ -451,219 +385,8 @@ def _print_import_failure(failure: HandlerImportError) -> None:
 
 
 def _in_users_code(filename: str) -> bool:
-    return filename not in (__file__, importlib.__file__) and not filename.startswith(
-        "<frozen importlib"
-    )
-
-
-def _server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The server constructor's keyword options that the arguments set."""
-    names = {
-        "shutdown_timeout": "shutdown_timeout",
-        "drain_window": "drain_window",
-        "max_concurrent": "max_concurrent_requests",
-        "max_per_peer": "max_connections_per_peer",
-    }
-    options = {
-        option: getattr(args, name)
-        for name, option in names.items()
-        if getattr(args, name) is not None
-    }
-    timeouts = {
-        "request_timeout": _timeout_setting(args.request_timeout, None),
-        "idle_timeout": _timeout_setting(args.idle_timeout, DEFAULT_IDLE_TIMEOUT),
-    }
-    options.update(
-        (name, value) for name, value in timeouts.items() if value is not None
-    )
-    return options
-
-
-def _proxy_options(args: argparse.Namespace, *, stream: bool) -> dict[str, Any]:
-    """The PROXY protocol options, for stream or datagram servers."""
-    if args.proxy_protocol == "off":
-        return {}
-    if not args.trusted_proxy:
-        raise UsageError("--proxy-protocol needs --trusted-proxy")
-    if args.proxy_protocol == "v1" and not stream:
-        raise UsageError(
-            "--proxy-protocol v1 cannot serve datagram listeners (PROXY "
-            "version 1 is text for TCP only): use v2 or auto, or give only "
-            "stream listeners"
-        )
-    return {
-        "proxy_protocol": args.proxy_protocol,
-        "trusted_proxies": args.trusted_proxy,
-    }
-
-
-def _stream_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The stream servers' own options: TLS and the PROXY protocol."""
-    options = _proxy_options(args, stream=True)
-    if args.handshake_timeout is not None:
-        options["handshake_timeout"] = args.handshake_timeout
-    if args.tls_cert is None:
-        if args.tls_key is not None:
-            raise UsageError("--tls-key needs --tls-cert")
-        return options
-    options["ssl_context"] = _tls_context(args.tls_cert, args.tls_key)
-    return options
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> NoReturn:
-    # Asked only for an encrypted key; without this OpenSSL would prompt on
-    # the terminal, which a service does not have.
-    raise _EncryptedKey
-
-
-def _tls_context(cert: str, key: str | None) -> ssl.SSLContext:
-    """A server context from ``--tls-cert`` and ``--tls-key``.
-
-    A failure names the file at fault and what is wrong with it; OpenSSL's
-    own errors ("PEM lib") say neither.
-    """
-    cert_file = f"{cert} (--tls-cert)"
-    key_file = cert_file if key is None else f"{key} (--tls-key)"
-    contents = {}
-    for path, name in ((cert, cert_file), (key, key_file)):
-        if path is None:
-            continue
-        try:
-            with open(path, "rb") as file:
-                contents[path] = file.read()
-        except OSError as exc:
-            raise UsageError(
-                f"cannot load the TLS certificate: cannot read {name}: "
-                f"{exc.strerror or exc}"
-            ) from None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key, password=_no_password)
-    except _EncryptedKey:
-        problem = f"the private key in {key_file} is encrypted; give it unencrypted"
-    except ssl.SSLError as exc:
-        problem = _tls_problem(exc, cert, cert_file, contents[key or cert], key_file)
-    else:
-        return context
-    raise UsageError(f"cannot load the TLS certificate: {problem}")
-
-
-def _tls_problem(
-    error: ssl.SSLError, cert: str, cert_file: str, key_pem: bytes, key_file: str
-) -> str:
-    """What is wrong, in words, when ``load_cert_chain`` failed."""
-    if error.reason == "KEY_VALUES_MISMATCH":
-        return (
-            f"the private key in {key_file} does not match the certificate "
-            f"in {cert_file}"
-        )
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
-    except ssl.SSLError:
-        return f"{cert_file} holds no valid PEM certificate"
-    if b"PRIVATE KEY-----" not in key_pem:
-        if key_file == cert_file:
-            return f"{cert_file} holds no private key; give it with --tls-key"
-        return f"{key_file} holds no PEM private key"
-    return f"{cert_file} with the key in {key_file}: {error}"
-
-
-def _server_class_for(sock: socket.socket) -> type[TCPServer]:
-    return TCPServer if sock.type == socket.SOCK_STREAM else UDPServer
-
-
-def build_servers(
-    args: argparse.Namespace,
-    stream_handler: type[BaseRequestHandler] | None,
-    datagram_handler: type[BaseRequestHandler] | None,
-    inherited: Sequence[tuple[str, socket.socket]] = (),
-) -> list[BaseServer]:
-    """The servers the listener options (and ``inherited`` sockets) ask for."""
-    options = _server_options(args)
-    servers: list[BaseServer] = []
-    for names, server_class, handler, needed in (
-        (STREAM_LISTENERS, TCPServer, stream_handler, "StreamRequestHandler"),
-        (DATAGRAM_LISTENERS, UDPServer, datagram_handler, "DatagramRequestHandler"),
-    ):
-        addresses = [address for name in names for address in getattr(args, name)]
-        if not addresses:
-            continue
-        if handler is None:
-            given = [name for name in names if getattr(args, name)]
-            flag = "--" + given[0].replace("_", "-")
-            raise UsageError(f"{flag} needs a {needed}; the handler is not one")
-        if server_class is TCPServer:
-            kwargs = {**options, **_stream_options(args)}
-        else:
-            kwargs = {**options, **_proxy_options(args, stream=False)}
-        first, *extra = addresses
-        servers.append(server_class(first, handler, extra_addresses=extra, **kwargs))
-    sockets = [(f"--fd {fd}", socket.socket(fileno=fd)) for fd in args.fd]
-    sockets += [(f"socket {name!r} from systemd", sock) for name, sock in inherited]
-    for source, sock in sockets:
-        server_class = _server_class_for(sock)
-        stream = server_class is TCPServer
-        handler = stream_handler if stream else datagram_handler
-        if handler is None:
-            needed = "StreamRequestHandler" if stream else "DatagramRequestHandler"
-            raise UsageError(f"{source} needs a {needed}; the handler is not one")
-        own = _stream_options(args) if stream else _proxy_options(args, stream=False)
-        kwargs = {**options, **own}
-        servers.append(server_class.from_socket(sock, handler, **kwargs))
-    return servers
-
-
-# Workers bind their addresses through the supervisor; a socket handed to
-# the process has no address to bind again.
-WORKERS_NEED_ADDRESSES = "--workers cannot serve --fd or socket-activated sockets"
-
-
-def _inherited(server: BaseServer) -> bool:
-    """Whether the server serves a socket it was handed, not one it binds."""
-    return isinstance(server, TCPServer) and server.binding == "adopted"
-
-
-def _with_timeout(
-    handler: type[StreamRequestHandler], timeout: float | None
-) -> type[StreamRequestHandler]:
-    return type(handler.__name__, (handler,), {"timeout": timeout})
-
-
-def _servers_for(args: argparse.Namespace) -> list[BaseServer]:
-    default = [(DEFAULT_HOST, DEFAULT_PORT)]
-    any_listener = args.tcp or args.udp or args.unix or args.unix_dgram or args.fd
-    # Socket activation stands in for listener options; with them, the
-    # sockets systemd passed are not ours to use.
-    inherited = [] if any_listener else systemd_sockets()
-    if args.command == "echo":
-        if not any_listener and not inherited:
-            args.tcp = args.udp = default
-        stream: type[BaseRequestHandler] | None = EchoStreamHandler
-        datagram: type[BaseRequestHandler] | None = EchoDatagramHandler
-    else:
-        handler = load_handler(args.handler)
-        is_datagram = issubclass(handler, DatagramRequestHandler)
-        is_stream = issubclass(handler, StreamRequestHandler)
-        stream = None if is_datagram else handler
-        datagram = None if is_stream else handler
-        if not any_listener and not inherited:
-            if is_datagram:
-                args.udp = default
-            else:
-                args.tcp = default
-    if stream is not None and issubclass(stream, StreamRequestHandler):
-        # The command line's default, unless the handler class has its own.
-        own = stream.timeout
-        timeout = _timeout_setting(
-            args.timeout, DEFAULT_TIMEOUT if own is None else own
-        )
-        if timeout != own:
-            stream = _with_timeout(stream, timeout)
-    return build_servers(args, stream, datagram, inherited)
+    ours = (_service.__file__, importlib.__file__)
+    return filename not in ours and not filename.startswith("<frozen importlib")
 
 
 class JsonFormatter(logging.Formatter):
@@ -695,25 +418,27 @@ def _configure_logging(level: str, log_format: str, *, worker: bool = False) -> 
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
+def _announce(servers: Sequence[BaseServer]) -> None:
+    """Print each listener's real address: the start-up lines."""
+    for server in servers:
+        listening = getattr(server, "server_addresses", [server.server_address])
+        for address in listening:
+            kind = _kind(server, address)
+            print(f"trioserve: serving {kind} on {format_address(address)}", flush=True)
+
+
 class _AnnounceListeners:
-    """A task status that prints each listener's real address once serving.
+    """A task status that prints the start-up lines once the servers serve.
 
     Passed as ``task_status`` so the announcement needs no nursery of its
     own: a bind failure then reaches ``main`` as the plain ``OSError`` it is.
     """
 
-    def __init__(self, servers: list[BaseServer]) -> None:
+    def __init__(self, servers: Sequence[BaseServer]) -> None:
         self.servers = servers
 
     def started(self, addresses: list[Any] | None = None) -> None:
-        for server in self.servers:
-            listening = getattr(server, "server_addresses", [server.server_address])
-            for address in listening:
-                kind = _kind(server, address)
-                print(
-                    f"trioserve: serving {kind} on {format_address(address)}",
-                    flush=True,
-                )
+        _announce(self.servers)
 
 
 def _tune_gc() -> None:
@@ -729,37 +454,85 @@ async def _run(servers: list[BaseServer]) -> bool:
     return await serve_until_signalled(servers, task_status=_AnnounceListeners(servers))
 
 
-class _WorkerServers:
-    """What ``--workers`` serves: the servers the arguments ask for.
+def worker_servers(
+    service: Service, log_level: str, log_format: str
+) -> list[BaseServer]:
+    """What ``--workers`` serves: the worker factory is a partial of this.
 
-    The supervisor's call returns the servers already made (and checked)
-    from the arguments; each worker, which gets a pickled copy without
-    them, sets up logging and makes its own.
+    Called in the supervisor, where ``main`` has set up logging already (so
+    ``basicConfig`` leaves it as it is), and first thing in each worker,
+    where it sets up logging that says which worker wrote each line.
     """
-
-    def __init__(self, args: argparse.Namespace, servers: list[BaseServer]) -> None:
-        self.args = args
-        self.servers: list[BaseServer] | None = servers
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"args": self.args, "servers": None}
-
-    def __call__(self) -> list[BaseServer]:
-        if self.servers is not None:
-            servers, self.servers = self.servers, None
-            return servers
-        _configure_logging(self.args.log_level, self.args.log_format, worker=True)
-        servers = _servers_for(self.args)
-        _tune_gc()
-        return servers
+    _configure_logging(log_level, log_format, worker=True)
+    servers = make_servers(service)
+    _tune_gc()
+    return servers
 
 
-async def _run_workers(args: argparse.Namespace, servers: list[BaseServer]) -> bool:
-    return await serve_in_workers(
-        _WorkerServers(args, servers),
-        args.workers,
-        task_status=_AnnounceListeners(servers),
+async def _run_workers(service: Service, args: argparse.Namespace) -> bool:
+    factory = partial(worker_servers, service, args.log_level, args.log_format)
+    return await serve_in_workers(factory, args.workers, announce=_announce)
+
+
+def describe(
+    args: argparse.Namespace, inherited: Sequence[tuple[str, int]] = ()
+) -> Service:
+    """The service the arguments ask for: a pure function of them.
+
+    ``inherited`` are sockets systemd passed (each as where it came from
+    and its file descriptor), used when no listener option is given.
+    """
+    given = [getattr(args, name) for name in (*STREAM_LISTENERS, *DATAGRAM_LISTENERS)]
+    sockets = [(f"--fd {fd}", fd) for fd in args.fd]
+    if not sockets and not any(given):
+        sockets = list(inherited)
+    # With nothing to listen on given, and no socket passed, the default.
+    default = None if any(given) or sockets else (DEFAULT_HOST, DEFAULT_PORT)
+    server_options = {
+        option: value
+        for option, value in (
+            ("shutdown_timeout", args.shutdown_timeout),
+            ("drain_window", args.drain_window),
+            ("max_concurrent_requests", args.max_concurrent),
+            ("max_connections_per_peer", args.max_per_peer),
+            ("request_timeout", _timeout_setting(args.request_timeout, None)),
+            (
+                "idle_timeout",
+                _timeout_setting(args.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+            ),
+        )
+        if value is not None
+    }
+    return Service(
+        handler=None if args.command == "echo" else args.handler,
+        tcp=tuple(args.tcp),
+        udp=tuple(args.udp),
+        unix=tuple(args.unix),
+        unix_dgram=tuple(args.unix_dgram),
+        sockets=tuple(sockets),
+        default_address=default,
+        server_options=server_options,
+        proxy_protocol=args.proxy_protocol,
+        trusted_proxies=tuple(args.trusted_proxy),
+        handshake_timeout=args.handshake_timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        timeout=_timeout_setting(args.timeout, DEFAULT_TIMEOUT),
+        timeout_given=args.timeout is not None,
     )
+
+
+def _systemd_sockets() -> list[tuple[str, int]]:
+    """The sockets systemd passed, as ``describe`` takes them."""
+    return [
+        (f"socket {name!r} from systemd", sock.detach())
+        for name, sock in systemd_sockets()
+    ]
+
+
+# Workers bind their addresses through the supervisor; a socket handed to
+# the process has no address to bind again.
+WORKERS_NEED_ADDRESSES = "--workers cannot serve --fd or socket-activated sockets"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -773,17 +546,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
     try:
-        # --fd is refused before its socket is taken; systemd's sockets show
-        # only once the servers are made.
-        if args.workers is not None and args.fd:
-            raise UsageError(WORKERS_NEED_ADDRESSES)
-        servers = _servers_for(args)
+        service = describe(args, _systemd_sockets())
         if args.workers is None:
-            graceful = trio.run(_run, servers)
-        elif any(_inherited(server) for server in servers):
+            graceful = trio.run(_run, make_servers(service))
+        elif service.sockets:
             raise UsageError(WORKERS_NEED_ADDRESSES)
         else:
-            graceful = trio.run(_run_workers, args, servers)
+            graceful = trio.run(_run_workers, service, args)
     except UsageError as exc:
         print(f"trioserve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

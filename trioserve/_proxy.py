@@ -361,6 +361,12 @@ def _parse_v1_line(line: bytes) -> ProxyHeader:
     """Parse a version 1 line, given without its CRLF."""
     fields = line.split(b" ")
     word = fields[1]
+    if word not in _V1_WORDS:
+        # The start was checked, but not what ends the word: "UNKNOWN\r" is
+        # not "UNKNOWN".
+        raise ProxyProtocolError(
+            f"unknown PROXY v1 protocol {_show(word)}: expected TCP4, TCP6 or UNKNOWN"
+        )
     if word == b"UNKNOWN":
         # The proxy could not say (or chose not to): anything after the word
         # is to be ignored, and the real connection's addresses used.

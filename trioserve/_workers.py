@@ -392,6 +392,7 @@ async def serve_in_workers(
     workers: int | Literal["auto"] = "auto",
     *,
     reuse_port: bool | None = None,
+    announce: Callable[[Sequence[TCPServer]], object] | None = None,
     task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
 ) -> bool:
     """Serve in ``workers`` processes until SIGINT or SIGTERM; supervise them.
@@ -443,6 +444,11 @@ async def serve_in_workers(
         core.
       reuse_port: Give each worker its own ``SO_REUSEPORT`` socket for IP
         addresses; ``None`` does so where the kernel balances them (Linux).
+      announce: Called once every worker serves, just before
+        ``task_status.started()``, with the servers ``make_servers`` made
+        here. They are bound, so their ``server_addresses`` are the real
+        addresses of every listener (``task_status.started()`` reports each
+        server's first), with port 0 resolved.
 
     Returns:
       True if every worker shut down gracefully; False if a second signal
@@ -469,7 +475,9 @@ async def serve_in_workers(
                 listeners.append(await _bind_listeners(server, reuse_port))
             timeout = max((server.shutdown_timeout for server in templates), default=0)
             supervisor = _Supervisor(make_servers, listeners, count, timeout)
-            forced = await _supervise(supervisor, signals, templates, task_status)
+            forced = await _supervise(
+                supervisor, signals, templates, announce, task_status
+            )
     except BaseExceptionGroup as group:
         # A worker that could not start: report that, not the group.
         _, others = group.split(RuntimeError)
@@ -487,6 +495,7 @@ async def _supervise(
     supervisor: _Supervisor,
     signals: Any,
     templates: list[TCPServer],
+    announce: Callable[[Sequence[TCPServer]], object] | None,
     task_status: trio.TaskStatus[list[Any]],
 ) -> bool:
     """Start the workers, then stop them on the first signal; whether forced."""
@@ -496,6 +505,8 @@ async def _supervise(
         # service that answers, and a worker that cannot start stops us.
         for number in range(1, supervisor.count + 1):
             await nursery.start(supervisor.keep_running, number)
+        if announce is not None:
+            announce(templates)
         task_status.started([server.server_address for server in templates])
 
         async def stop(name: str) -> None:
