@@ -341,6 +341,39 @@ async def test_serve_in_workers_with_one_shared_socket() -> None:
     assert graceful is True
 
 
+async def test_worker_control_reloads_the_workers_from_python() -> None:
+    # What SIGHUP does, awaited: once reload() returns True, fresh workers
+    # serve, and the old ones are on their way out.
+    control = trioserve.WorkerControl()
+    with pytest.raises(RuntimeError, match="not serving"):
+        await control.reload()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serve = partial(
+                trioserve.serve_in_workers, make_pid_echo, 2, control=control
+            )
+            graceful = None
+
+            async def supervise(*, task_status: trio.TaskStatus[list[Any]]) -> None:
+                nonlocal graceful
+                graceful = await serve(task_status=task_status)
+
+            [address] = await nursery.start(supervise)
+            before = {await trio.to_thread.run_sync(ask, address) for _ in range(20)}
+            assert await control.reload() is True
+            # The old workers may still finish what they had; wait until
+            # none of them answers a new connection.
+            while True:
+                after = {await trio.to_thread.run_sync(ask, address) for _ in range(20)}
+                if not after & before:
+                    break
+            assert len(after) <= 2
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert graceful is True
+    with pytest.raises(RuntimeError, match="not serving"):
+        await control.reload()
+
+
 class KeepaliveEcho(trioserve.StreamRequestHandler):
     """Replies "PID KEEPALIVE LINE": the connection inherits SO_KEEPALIVE
     from the listening socket it came from."""

@@ -13,7 +13,7 @@ from ._streams import (
     AsyncPacketWriter,
     LineTooLong,
 )
-from ._workers import serve_in_workers
+from ._workers import WorkerControl, serve_in_workers
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "WorkerControl",
     "serve_in_workers",
     "serve_until_signalled",
     "systemd_sockets",

@@ -29,6 +29,7 @@ from ._service import (
     Service,
     UsageError,
     make_servers,
+    reload_tls,
 )
 from ._signals import serve_until_signalled
 from ._socket_servers import UDPServer
@@ -340,7 +341,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run socketserver-style services on Trio. Each listener's "
         "real address is printed as 'trioserve: serving KIND on ADDRESS'. The "
         "first SIGINT or SIGTERM shuts down gracefully, a second cancels what "
-        "is still running; SIGHUP is ignored.",
+        "is still running. SIGHUP reloads: the TLS certificate and key in "
+        "place, or with --workers, fresh workers that import the handler "
+        "again take over without dropping a client.",
         epilog=EXIT_STATUSES,
     )
     parser.add_argument(
@@ -449,9 +452,16 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-async def _run(servers: list[BaseServer]) -> bool:
+async def _run(service: Service, servers: list[BaseServer]) -> bool:
     _tune_gc()
-    return await serve_until_signalled(servers, task_status=_AnnounceListeners(servers))
+    return await serve_until_signalled(
+        servers,
+        # What a single process can reload: the TLS files.
+        reload=None
+        if service.tls_cert is None
+        else partial(reload_tls, service, servers),
+        task_status=_AnnounceListeners(servers),
+    )
 
 
 def worker_servers(
@@ -548,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         service = describe(args, _systemd_sockets())
         if args.workers is None:
-            graceful = trio.run(_run, make_servers(service))
+            graceful = trio.run(_run, service, make_servers(service))
         elif service.sockets:
             raise UsageError(WORKERS_NEED_ADDRESSES)
         else:

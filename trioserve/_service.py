@@ -11,14 +11,16 @@ description, so they cannot differ.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import socket
 import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NoReturn
 
 import attrs
+import trio
 
 from ._echo import EchoDatagramHandler, EchoStreamHandler
 from ._handlers import (
@@ -37,6 +39,8 @@ STREAM_LISTENERS = ("tcp", "unix")
 DATAGRAM_LISTENERS = ("udp", "unix_dgram")
 
 ProxyProtocol = Literal["off", "v1", "v2", "auto"]
+
+LOGGER = logging.getLogger("trioserve")
 
 
 class UsageError(Exception):
@@ -191,6 +195,27 @@ def _options(service: Service, server_class: type[TCPServer]) -> dict[str, Any]:
     if service.tls_cert is not None:
         options["ssl_context"] = tls_context(service.tls_cert, service.tls_key)
     return options
+
+
+async def reload_tls(service: Service, servers: Sequence[BaseServer]) -> None:
+    """Load ``service``'s TLS files again: new handshakes use them.
+
+    The files are checked first, in a new context, and loaded into the
+    servers' own contexts only if they are usable: a bad certificate or key
+    is logged, and the old one kept.
+    """
+    cert, key = service.tls_cert, service.tls_key
+    assert cert is not None, "a service without TLS has nothing to reload"
+    try:
+        await trio.to_thread.run_sync(tls_context, cert, key)
+    except UsageError as exc:
+        LOGGER.error("keeping the old TLS certificate: %s", exc)
+        return
+    for server in servers:
+        context = getattr(server, "ssl_context", None)
+        if context is not None:
+            context.load_cert_chain(cert, key)
+    LOGGER.warning("reloaded the TLS certificate from %s", cert)
 
 
 def _is_missing(module_name: str, error: ImportError) -> bool:

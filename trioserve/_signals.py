@@ -25,6 +25,7 @@ WATCHED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 async def serve_until_signalled(
     servers: Sequence[BaseServer],
     *,
+    reload: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
 ) -> bool:
     """Serve ``servers`` until SIGINT or SIGTERM, then shut them down gracefully.
@@ -38,8 +39,10 @@ async def serve_until_signalled(
     in flight finish), and logs how many requests are in flight (idle
     keep-alive connections are not requests in flight); a second
     signal cancels the requests still running.
-    SIGHUP is logged and otherwise ignored, so closing a terminal does not
-    kill the service. Every server is closed before this returns.
+    SIGHUP runs ``reload()`` in a task of its own, if given (the command
+    line's reloads the TLS certificate and key); without it SIGHUP is
+    logged and otherwise ignored, so closing a terminal does not kill the
+    service. Every server is closed before this returns.
 
     Must be called from the main thread (where Python handles signals).
 
@@ -95,7 +98,14 @@ async def serve_until_signalled(
                     forced = True
                     nursery.cancel_scope.cancel()
 
-                await follow_stop_signals(signals, stop, force)
+                def start_reload(name: str) -> None:
+                    assert reload is not None
+                    LOGGER.warning("%s: reloading", name)
+                    nursery.start_soon(reload)
+
+                await follow_stop_signals(
+                    signals, stop, force, None if reload is None else start_reload
+                )
     return not forced
 
 
@@ -103,19 +113,24 @@ async def follow_stop_signals(
     signals: AsyncIterator[int],
     stop: Callable[[str], Awaitable[None]],
     force: Callable[[str], None],
+    reload: Callable[[str], None] | None = None,
 ) -> None:
     """The one loop over a service's signals, until ``signals`` ends.
 
     The first SIGINT or SIGTERM awaits ``stop`` (a graceful stop), a second
-    calls ``force``; each is given the signal's name. Any other signal of
-    :data:`WATCHED_SIGNALS` (SIGHUP) is logged and otherwise ignored, so
-    closing a terminal does not kill the service.
+    calls ``force``; each is given the signal's name. SIGHUP calls
+    ``reload`` (which must not wait: a stop may follow at once) until the
+    service is stopping; without ``reload`` it is logged and otherwise
+    ignored, so closing a terminal does not kill the service.
     """
     stopping = False
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum not in STOP_SIGNALS:
-            LOGGER.info("%s: ignored; send SIGTERM to stop", name)
+            if reload is None or stopping:
+                LOGGER.info("%s: ignored; send SIGTERM to stop", name)
+            else:
+                reload(name)
         elif stopping:
             force(name)
         else:

@@ -145,12 +145,40 @@ def _close_listeners(listeners: list[list[_Listener]]) -> None:
 
 
 @attrs.define(eq=False)
+class _SlotSockets:
+    """The listening sockets of one worker slot, as the supervisor holds them.
+
+    A worker and, during a reload, its successor use the same sockets: the
+    old worker's close then leaves every connection in their backlogs to the
+    new one, where closing an ``SO_REUSEPORT`` socket would reset them. The
+    sockets of the slot's own (not shared) are closed when no worker uses
+    them any more.
+    """
+
+    sockets: list[list[trio.socket.SocketType]]
+    own: list[trio.socket.SocketType]
+    users: int = 0
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.close()
+
+    def close(self) -> None:
+        for sock in self.own:
+            sock.close()
+
+
+@attrs.define(eq=False)
 class _Worker:
     """A worker process and the channel it reports on."""
 
     number: int
     process: Any  # multiprocessing's SpawnProcess, which is not typed
     status: Connection
+    sockets: _SlotSockets
+    # Told to stop by a reload that replaced it: not to be restarted.
+    retired: bool = False
 
     @property
     def pid(self) -> int:
@@ -171,23 +199,38 @@ class _Supervisor:
         self.listeners = listeners
         self.count = count
         self.shutdown_timeout = shutdown_timeout
-        self.workers: dict[int, _Worker] = {}
+        self.workers: set[_Worker] = set()
         self.stopping = False
+        self.reloading = False
+        # Each reload's workers are one generation newer; a worker of an
+        # older one that dies is not replaced.
+        self.generation = 0
         # False once a worker ends a graceful stop other than cleanly.
         self.clean = True
         # Set whenever a worker exits.
         self.exited = trio.Event()
 
-    async def _spawn(self, number: int) -> _Worker:
-        given = [
+    async def _slot_sockets(self) -> _SlotSockets:
+        sockets = [
             [await listener.socket_for_worker() for listener in server_listeners]
             for server_listeners in self.listeners
         ]
+        shared = {
+            id(listener.shared)
+            for listeners in self.listeners
+            for listener in listeners
+        }
+        own = [sock for socks in sockets for sock in socks if id(sock) not in shared]
+        return _SlotSockets(sockets, own)
+
+    async def _spawn(self, number: int, slot: _SlotSockets | None) -> _Worker:
+        if slot is None:
+            slot = await self._slot_sockets()
         # multiprocessing passes stdlib sockets to the new process by their
         # file descriptors: hand it duplicates, closed once it has its own.
         sockets = [
             [stdlib_socket.socket(fileno=os.dup(sock.fileno())) for sock in socks]
-            for socks in given
+            for socks in slot.sockets
         ]
         status, report = _CONTEXT.Pipe(duplex=False)
         process = _CONTEXT.Process(
@@ -195,38 +238,44 @@ class _Supervisor:
             args=(self.make_servers, number, sockets, report),
             name=f"trioserve-worker-{number}",
         )
+        slot.users += 1
         try:
             process.start()
+        except BaseException:
+            slot.release()
+            raise
         finally:
             report.close()
             for duplicates in sockets:
                 for duplicate in duplicates:
                     duplicate.close()
-            # A worker's own SO_REUSEPORT socket must not outlive it here: a
-            # listener nobody accepts on would still get its share of clients.
-            for server_listeners, socks in zip(self.listeners, given, strict=True):
-                for listener, sock in zip(server_listeners, socks, strict=True):
-                    if sock is not listener.shared:
-                        sock.close()
-        worker = _Worker(number, process, status)
-        self.workers[number] = worker
+        worker = _Worker(number, process, status, slot)
+        self.workers.add(worker)
         LOGGER.info("worker %d started (pid %d)", number, worker.pid)
         if self.stopping:  # while we were starting it
             os.kill(worker.pid, signal.SIGTERM)
         return worker
 
     async def keep_running(
-        self, number: int, *, task_status: trio.TaskStatus[None]
+        self,
+        number: int,
+        slot: _SlotSockets | None = None,
+        generation: int = 0,
+        *,
+        task_status: trio.TaskStatus[_Worker],
     ) -> None:
         """Run worker ``number``; start a new one each time it dies, until stopped.
 
-        ``task_status.started()`` once the first worker serves. If that one
-        dies before it serves, starting is hopeless: raise RuntimeError.
+        The first one listens on ``slot``'s sockets, if given (a reload's
+        new worker takes over its predecessor's); a replacement for one that
+        died gets new sockets. ``task_status.started()`` once the first
+        worker serves. If that one dies before it serves, starting is
+        hopeless: raise RuntimeError.
         """
         quick_deaths = 0
         first = True
         while not self.stopping:
-            worker = await self._spawn(number)
+            worker = await self._spawn(number, slot if first else None)
             started_at = trio.current_time()
             ready = await self._watch(worker, task_status if first else None)
             if first and not ready:
@@ -234,10 +283,12 @@ class _Supervisor:
                     f"worker {number} {_exit_reason(worker)} before it started serving"
                 )
             first = False
-            if self.stopping:
+            if self.stopping or worker.retired:
                 if worker.process.exitcode != 0:
                     self.clean = False
                 return
+            if generation < self.generation:
+                return  # replaced by a reload while it was dying
             lived = trio.current_time() - started_at
             quick_deaths = quick_deaths + 1 if lived < STABLE_AFTER else 0
             delay = min(RESTART_DELAY_MAX, RESTART_DELAY * 2**quick_deaths)
@@ -252,7 +303,7 @@ class _Supervisor:
             await trio.sleep(delay)
 
     async def _watch(
-        self, worker: _Worker, task_status: trio.TaskStatus[None] | None
+        self, worker: _Worker, task_status: trio.TaskStatus[_Worker] | None
     ) -> bool:
         """Follow the worker's reports until it exits; whether it served."""
         ready = False
@@ -266,7 +317,7 @@ class _Supervisor:
                 if kind == "ready":
                     ready = True
                     if task_status is not None:
-                        task_status.started()
+                        task_status.started(worker)
                 elif kind == "stats":
                     LOGGER.info(
                         "worker %d (pid %d) stopped after %s",
@@ -278,12 +329,70 @@ class _Supervisor:
             worker.process.join()
         finally:
             worker.status.close()
-            del self.workers[worker.number]
+            worker.sockets.release()
+            self.workers.discard(worker)
             self.exited.set()
         return ready
 
-    def signal_all(self, signum: int) -> None:
-        for worker in self.workers.values():
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the workers one at a time, each once the one before serves.
+
+        The start-up then reports a service that answers, and a worker that
+        cannot start stops us (RuntimeError).
+        """
+        for number in range(1, self.count + 1):
+            await nursery.start(self.keep_running, number)
+
+    async def reload(self, nursery: trio.Nursery) -> bool:
+        """Replace every worker with a fresh one; whether they all serve.
+
+        The new workers start one at a time, each on its predecessor's
+        sockets. Once all of them serve, the old ones are stopped gracefully.
+        If one cannot start, the new ones are stopped and the old ones keep
+        serving.
+        """
+        if self.stopping or self.reloading:
+            LOGGER.warning("a reload or a stop is under way: not reloading")
+            return False
+        self.reloading = True
+        old = sorted(self.workers, key=lambda worker: worker.number)
+        LOGGER.warning("reloading: starting %d new workers", self.count)
+        new: list[_Worker] = []
+        generation = self.generation + 1
+        try:
+            for worker in old:
+                new.append(
+                    await nursery.start(
+                        self.keep_running, worker.number, worker.sockets, generation
+                    )
+                )
+        except RuntimeError as exc:
+            LOGGER.error("reload failed, the old workers keep serving: %s", exc)
+            self._retire(new)
+            return False
+        except BaseException:  # cancelled: leave the service as it was
+            self._retire(new)
+            raise
+        finally:
+            self.reloading = False
+        LOGGER.warning("reloaded: %d new workers serve; stopping the old", len(new))
+        self.generation = generation
+        self._retire(old)
+        return True
+
+    def _retire(self, workers: list[_Worker]) -> None:
+        """Stop ``workers`` gracefully, for good."""
+        for worker in workers:
+            if worker.retired:
+                continue
+            worker.retired = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+
+    def signal_all(self, signum: int, *, retired: bool = True) -> None:
+        for worker in self.workers:
+            if worker.retired and not retired:
+                continue
             # One that has just exited is its watcher's business.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
@@ -291,11 +400,15 @@ class _Supervisor:
     async def stop(self, done: trio.CancelScope) -> None:
         """Stop every worker gracefully; kill those still running past the grace."""
         self.stopping = True
-        self.signal_all(signal.SIGTERM)
+        # A retired worker is stopping already: a second SIGTERM would
+        # force it.
+        self.signal_all(signal.SIGTERM, retired=False)
         # Workers close their listening sockets at once; so must we, or a
-        # shared one would go on filling its backlog with clients nobody
-        # will serve, instead of refusing them.
+        # socket would go on filling its backlog with clients nobody will
+        # serve, instead of refusing them.
         _close_listeners(self.listeners)
+        for worker in self.workers:
+            worker.sockets.close()
         with trio.move_on_after(self.shutdown_timeout + EXIT_GRACE):
             await self._all_exited()
         if self.workers:
@@ -312,6 +425,41 @@ class _Supervisor:
         while self.workers:
             self.exited = trio.Event()
             await self.exited.wait()
+
+
+@attrs.define(eq=False)
+class WorkerControl:
+    """Reloads the workers of a running :func:`serve_in_workers` from Python.
+
+    Pass one as its ``control`` argument; while it serves,
+    ``await control.reload()`` does what SIGHUP does.
+    """
+
+    _serving: tuple[_Supervisor, trio.Nursery] | None = attrs.field(
+        default=None, init=False
+    )
+
+    async def reload(self) -> bool:
+        """Replace every worker with a fresh one, without dropping a client.
+
+        Fresh workers call ``make_servers`` again, so they import the
+        handler's module again and load the TLS files again. They start one
+        at a time, each on the listening sockets of the one it replaces;
+        once all of them serve, the old ones are shut down gracefully.
+
+        Returns:
+          True once the new workers serve (the old ones are then stopping);
+          False if one of them could not start, in which case the new ones
+          are stopped and the old ones keep serving (the reason is logged),
+          or if a reload or a stop is already under way.
+
+        Raises:
+          RuntimeError: ``serve_in_workers`` is not serving with this control.
+        """
+        if self._serving is None:
+            raise RuntimeError("serve_in_workers is not serving with this control")
+        supervisor, nursery = self._serving
+        return await supervisor.reload(nursery)
 
 
 def _exit_reason(worker: _Worker) -> str:
@@ -393,6 +541,7 @@ async def serve_in_workers(
     *,
     reuse_port: bool | None = None,
     announce: Callable[[Sequence[TCPServer]], object] | None = None,
+    control: WorkerControl | None = None,
     task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
 ) -> bool:
     """Serve in ``workers`` processes until SIGINT or SIGTERM; supervise them.
@@ -425,8 +574,11 @@ async def serve_in_workers(
     in flight finish within the servers' ``shutdown_timeout``, and reports
     its counters, which are logged); workers still running 5 s past that
     are killed. A second signal is passed on, and cancels what is still
-    running. SIGHUP is ignored. If the supervisor itself dies, its workers
-    shut down gracefully.
+    running. SIGHUP reloads: a fresh set of workers (which import the
+    handler's module and load the TLS files again) takes over without
+    dropping a client, as :meth:`WorkerControl.reload` describes; a reload
+    whose new workers cannot start leaves the old ones serving. If the
+    supervisor itself dies, its workers shut down gracefully.
 
     Must be called from the main thread.
 
@@ -449,6 +601,7 @@ async def serve_in_workers(
         here. They are bound, so their ``server_addresses`` are the real
         addresses of every listener (``task_status.started()`` reports each
         server's first), with port 0 resolved.
+      control: A :class:`WorkerControl` to reload the workers from Python.
 
     Returns:
       True if every worker shut down gracefully; False if a second signal
@@ -476,7 +629,7 @@ async def serve_in_workers(
             timeout = max((server.shutdown_timeout for server in templates), default=0)
             supervisor = _Supervisor(make_servers, listeners, count, timeout)
             forced = await _supervise(
-                supervisor, signals, templates, announce, task_status
+                supervisor, signals, templates, announce, control, task_status
             )
     except BaseExceptionGroup as group:
         # A worker that could not start: report that, not the group.
@@ -496,15 +649,15 @@ async def _supervise(
     signals: Any,
     templates: list[TCPServer],
     announce: Callable[[Sequence[TCPServer]], object] | None,
+    control: WorkerControl | None,
     task_status: trio.TaskStatus[list[Any]],
 ) -> bool:
     """Start the workers, then stop them on the first signal; whether forced."""
     forced = False
     async with trio.open_nursery() as nursery:
-        # One at a time, each once it serves: the start-up then reports a
-        # service that answers, and a worker that cannot start stops us.
-        for number in range(1, supervisor.count + 1):
-            await nursery.start(supervisor.keep_running, number)
+        await supervisor.start(nursery)
+        if control is not None:
+            control._serving = (supervisor, nursery)
         if announce is not None:
             announce(templates)
         task_status.started([server.server_address for server in templates])
@@ -525,5 +678,13 @@ async def _supervise(
             forced = True
             supervisor.signal_all(signal.SIGTERM)
 
-        await follow_stop_signals(signals, stop, force)
+        def reload(name: str) -> None:
+            LOGGER.warning("%s: reloading the workers", name)
+            nursery.start_soon(supervisor.reload, nursery)
+
+        try:
+            await follow_stop_signals(signals, stop, force, reload)
+        finally:
+            if control is not None:
+                control._serving = None
     return forced
