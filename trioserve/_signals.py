@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from ._notify import Notifier, describe_counters
 from ._server import BaseServer, counted
 from ._socketio import LOOKS_BEFORE_WAITING
 
@@ -47,6 +48,9 @@ async def serve_until_signalled(
       True if the shutdown was graceful; False if a second signal forced it.
     """
     forced = False
+    notifier = Notifier.from_environment(
+        lambda: describe_counters(server.stats for server in servers)
+    )
     with trio.open_signal_receiver(*WATCHED_SIGNALS) as signals:
         async with AsyncExitStack() as stack:
             for server in servers:
@@ -68,8 +72,11 @@ async def serve_until_signalled(
                 for server in servers:
                     await nursery.start(server.serve_forever)
                 task_status.started([server.server_address for server in servers])
+                notifier.ready()
+                nursery.start_soon(notifier.keep_alive)
 
                 async def stop(name: str) -> None:
+                    notifier.stopping()
                     # A handler that has just replied is about to wait for its
                     # next message: it looks again a few times first (see
                     # _socketio.receive_when_ready), and only then counts as
@@ -96,6 +103,7 @@ async def serve_until_signalled(
                     nursery.cancel_scope.cancel()
 
                 await follow_stop_signals(signals, stop, force)
+    notifier.stopped()
     return not forced
 
 

@@ -17,7 +17,8 @@ import attrs
 import trio
 
 from ._listeners import Listener, new_socket
-from ._server import BaseServer
+from ._notify import Notifier, forget_environment
+from ._server import BaseServer, counted
 from ._signals import WATCHED_SIGNALS, follow_stop_signals, serve_until_signalled
 from ._socket_servers import TCPServer
 
@@ -339,6 +340,8 @@ def _worker_main(
     # Out of the terminal's process group: Ctrl-C reaches the supervisor
     # alone, which tells us once. Two SIGINTs would force the shutdown.
     os.setpgid(0, 0)
+    # systemd knows the supervisor alone: it says when the service is ready.
+    forget_environment()
     try:
         made = list(make_servers())
         servers = [server for server in made if isinstance(server, TCPServer)]
@@ -500,6 +503,9 @@ async def _supervise(
 ) -> bool:
     """Start the workers, then stop them on the first signal; whether forced."""
     forced = False
+    notifier = Notifier.from_environment(
+        lambda: counted(len(supervisor.workers), "worker")
+    )
     async with trio.open_nursery() as nursery:
         # One at a time, each once it serves: the start-up then reports a
         # service that answers, and a worker that cannot start stops us.
@@ -508,8 +514,11 @@ async def _supervise(
         if announce is not None:
             announce(templates)
         task_status.started([server.server_address for server in templates])
+        notifier.ready()
+        nursery.start_soon(notifier.keep_alive)
 
         async def stop(name: str) -> None:
+            notifier.stopping()
             LOGGER.warning(
                 "%s: stopping %d workers; requests in flight get up to %s s",
                 name,

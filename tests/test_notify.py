@@ -1,0 +1,282 @@
+"""systemd notify: READY, STOPPING, STATUS, RELOADING and watchdog pings.
+
+A Unix datagram socket bound here stands in for systemd's notify socket. It
+asks the kernel for each sender's credentials (``SO_PASSCRED``), so a test
+can tell which process sent a message, as systemd does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from support.cli import IO_TIMEOUT, assert_clean, run_echo, tcp_echo
+from support.servers import Echo
+
+import trioserve
+from trioserve._notify import Notifier
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(socket, "SO_PASSCRED"), reason="the tests expect Linux"
+)
+
+CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class FakeSystemd:
+    """The receiving end of ``NOTIFY_SOCKET``: a path, or ``@name``."""
+
+    def __init__(self, notify_socket: str) -> None:
+        self.notify_socket = notify_socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setblocking(False)
+        self.sock.bind(notify_socket.replace("@", "\0", 1))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def environment(self, **more: str) -> dict[str, str]:
+        """This process's environment, as systemd would give a service."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
+        return {**env, "NOTIFY_SOCKET": self.notify_socket, **more}
+
+    def _read(self) -> tuple[dict[str, str], int]:
+        data, ancillary, _, _ = self.sock.recvmsg(
+            4096, socket.CMSG_SPACE(CREDENTIALS.size)
+        )
+        pid = 0
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = CREDENTIALS.unpack(value[: CREDENTIALS.size])[0]
+        assert pid, "no sender credentials"
+        fields = dict(line.split("=", 1) for line in data.decode().split("\n"))
+        return fields, pid
+
+    async def receive(self) -> dict[str, str]:
+        """The next message's fields, in Trio."""
+        await trio.lowlevel.wait_readable(self.sock)
+        return self._read()[0]
+
+    def receive_blocking(
+        self, timeout: float = IO_TIMEOUT
+    ) -> tuple[dict[str, str], int]:
+        """The next message's fields and its sender's pid, waiting at most ``timeout``."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        assert readable, f"no notification within {timeout} s"
+        return self._read()
+
+    def pending(self) -> bool:
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+
+@pytest.fixture(params=["path", "abstract"])
+def systemd(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[FakeSystemd]:
+    if request.param == "path":
+        name = str(short_tmp / "notify")
+    else:
+        name = f"@trioserve-test-{os.getpid()}-{id(request)}"
+    fake = FakeSystemd(name)
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
+@pytest.fixture
+def path_systemd(short_tmp: Path) -> Iterator[FakeSystemd]:
+    fake = FakeSystemd(str(short_tmp / "notify"))
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
+@pytest.fixture
+def notify_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A clean slate: none of systemd's variables, whatever runs the tests."""
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+async def echo_once(address: tuple[str, int]) -> None:
+    stream = await trio.open_tcp_stream(*address)
+    async with stream:
+        await stream.send_all(b"hello\n")
+        assert await stream.receive_some() == b"hello\n"
+
+
+async def test_ready_once_listening_then_stopping(
+    systemd: FakeSystemd, notify_env: pytest.MonkeyPatch
+) -> None:
+    notify_env.setenv("NOTIFY_SOCKET", systemd.notify_socket)
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trioserve.serve_until_signalled, [server])
+            ready = await systemd.receive()
+            assert ready == {
+                "READY": "1",
+                "STATUS": "serving; 0 accepted, 0 active, 0 completed",
+            }
+            # READY means serving: a client gets its answer.
+            await echo_once(server.server_address)
+            os.kill(os.getpid(), signal.SIGTERM)
+            stopping = await systemd.receive()
+            assert stopping["STOPPING"] == "1"
+            assert stopping["STATUS"].startswith("stopping; 1 accepted")
+        # Gone: the last word is the final count.
+        assert await systemd.receive() == {
+            "STATUS": "stopped; 1 accepted, 0 active, 1 completed"
+        }
+        assert not systemd.pending()
+
+
+async def test_watchdog_pings_at_half_the_interval(
+    autojump_clock: trio.testing.MockClock,
+    path_systemd: FakeSystemd,
+    notify_env: pytest.MonkeyPatch,
+) -> None:
+    notify_env.setenv("NOTIFY_SOCKET", path_systemd.notify_socket)
+    notify_env.setenv("WATCHDOG_USEC", "200000")
+    notify_env.setenv("WATCHDOG_PID", str(os.getpid()))
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trioserve.serve_until_signalled, [server])
+            assert "READY" in await path_systemd.receive()
+            start = trio.current_time()
+            for n in range(1, 6):
+                assert (await path_systemd.receive())["WATCHDOG"] == "1"
+                assert trio.current_time() - start == pytest.approx(0.1 * n)
+            # A status that changed rides along with the next ping.
+            await echo_once(server.server_address)
+            ping = await path_systemd.receive()
+            assert ping["WATCHDOG"] == "1"
+            assert ping["STATUS"] == "serving; 1 accepted, 0 active, 1 completed"
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_watchdog_for_another_pid(
+    autojump_clock: trio.testing.MockClock,
+    path_systemd: FakeSystemd,
+    notify_env: pytest.MonkeyPatch,
+) -> None:
+    notify_env.setenv("NOTIFY_SOCKET", path_systemd.notify_socket)
+    notify_env.setenv("WATCHDOG_USEC", "200000")
+    notify_env.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trioserve.serve_until_signalled, [server])
+            assert "READY" in await path_systemd.receive()
+            await trio.sleep(30)
+            # Nothing changed, and the watchdog is not ours: not a word.
+            assert not path_systemd.pending()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_notify_socket_gone_is_logged_once_and_harms_nothing(
+    short_tmp: Path,
+    notify_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    notify_env.setenv("NOTIFY_SOCKET", str(short_tmp / "nobody-here"))
+    notify_env.setenv("WATCHDOG_USEC", "20000")
+    server = trioserve.TCPServer(("127.0.0.1", 0), Echo)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trioserve.serve_until_signalled, [server])
+            await echo_once(server.server_address)
+            # Several watchdog pings fail meanwhile.
+            await trio.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGTERM)
+    warnings = [r for r in caplog.records if "NOTIFY_SOCKET" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert warnings[0].levelno == logging.WARNING
+    assert "nobody-here" in warnings[0].getMessage()
+
+
+def test_a_bad_notify_socket_is_refused_with_a_warning(
+    notify_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    notifier = Notifier.from_environment(
+        lambda: "", {"NOTIFY_SOCKET": "relative/path", "WATCHDOG_USEC": "5"}
+    )
+    assert notifier.address is None
+    assert "relative/path" in caplog.text
+    notifier = Notifier.from_environment(
+        lambda: "", {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "soon"}
+    )
+    assert notifier.watchdog_interval is None
+    assert "WATCHDOG_USEC='soon'" in caplog.text
+
+
+async def test_reloading_then_ready(path_systemd: FakeSystemd) -> None:
+    notifier = Notifier.from_environment(
+        lambda: "2 workers", {"NOTIFY_SOCKET": path_systemd.notify_socket}
+    )
+    with trio.fail_after(10):
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        with pytest.raises(RuntimeError), notifier.reloading():
+            reloading = await path_systemd.receive()
+            raise RuntimeError("the new configuration is broken")
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert reloading["RELOADING"] == "1"
+        assert before <= int(reloading["MONOTONIC_USEC"]) <= after
+        assert reloading["STATUS"] == "reloading; 2 workers"
+        # Failed or not, the service serves on: systemd must hear READY=1.
+        assert await path_systemd.receive() == {
+            "READY": "1",
+            "STATUS": "serving; 2 workers",
+        }
+
+
+def test_command_line_is_ready_then_stopping(path_systemd: FakeSystemd) -> None:
+    env = path_systemd.environment()
+    with run_echo("--tcp", "127.0.0.1:0", env=env) as cli:
+        ((_, host, port),) = cli.listeners(1)
+        ready, pid = path_systemd.receive_blocking()
+        assert pid == cli.proc.pid
+        assert ready["READY"] == "1"
+        tcp_echo(host, port, b"hello\n")
+        cli.proc.send_signal(signal.SIGTERM)
+        stopping, _ = path_systemd.receive_blocking()
+        rc, _, stderr = cli.finish()
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    assert stopping["STOPPING"] == "1"
+    assert stopping["STATUS"].startswith("stopping; 1 accepted")
+
+
+def test_workers_only_the_supervisor_notifies(path_systemd: FakeSystemd) -> None:
+    env = path_systemd.environment()
+    with run_echo("--tcp", "127.0.0.1:0", "--workers", "2", env=env) as cli:
+        ((_, host, port),) = cli.listeners(1)
+        ready, pid = path_systemd.receive_blocking()
+        assert ready == {"READY": "1", "STATUS": "serving; 2 workers"}
+        assert pid == cli.proc.pid
+        for _ in range(10):
+            tcp_echo(host, port, b"hello\n")
+        cli.proc.send_signal(signal.SIGTERM)
+        rc, _, stderr = cli.finish()
+    assert rc == 0, stderr
+    assert_clean(stderr)
+    messages = []
+    while path_systemd.pending():
+        messages.append(path_systemd.receive_blocking())
+    assert messages[0] == ({"STOPPING": "1", "STATUS": "stopping; 2 workers"}, pid)
+    # The workers served, and said nothing: they do not speak for the service.
+    assert {sender for _, sender in messages} == {pid}
+    assert not any("READY" in fields for fields, _ in messages)
