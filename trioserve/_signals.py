@@ -42,6 +42,12 @@ async def serve_until_signalled(
     SIGHUP is logged and otherwise ignored, so closing a terminal does not
     kill the service. Every server is closed before this returns.
 
+    Under systemd (when ``NOTIFY_SOCKET`` is set), it tells systemd
+    ``READY=1`` once every server serves, ``STOPPING=1`` at the first
+    signal, a ``STATUS=`` line with the servers' counters, and, with
+    ``WatchdogSec=``, pings the watchdog from the event loop; see
+    "Readiness, status and the watchdog" in the deploying guide.
+
     Must be called from the main thread (where Python handles signals).
 
     Returns:

@@ -431,6 +431,12 @@ async def serve_in_workers(
     running. SIGHUP is ignored. If the supervisor itself dies, its workers
     shut down gracefully.
 
+    Under systemd (``NOTIFY_SOCKET``), the supervisor tells systemd
+    ``READY=1`` once every worker serves, ``STOPPING=1`` at the first
+    signal and the number of workers in ``STATUS=``, and pings the
+    watchdog; the workers are started without systemd's notify variables,
+    so that they never speak for the service.
+
     Must be called from the main thread.
 
     Args:
