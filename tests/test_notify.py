@@ -137,6 +137,7 @@ async def test_no_watchdog_for_another_pid(
 
 
 async def test_a_notify_socket_gone_is_logged_once_and_harms_nothing(
+    autojump_clock: trio.testing.MockClock,
     short_tmp: Path,
     notify_env: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -148,8 +149,8 @@ async def test_a_notify_socket_gone_is_logged_once_and_harms_nothing(
         async with trio.open_nursery() as nursery:
             await nursery.start(trioserve.serve_until_signalled, [server])
             await echo_once(server.server_address)
-            # Several watchdog pings fail meanwhile.
-            await trio.sleep(0.1)
+            # A hundred watchdog pings fail meanwhile.
+            await trio.sleep(1)
             os.kill(os.getpid(), signal.SIGTERM)
     warnings = [r for r in caplog.records if "NOTIFY_SOCKET" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
