@@ -37,6 +37,7 @@ from support.cli import (
 )
 from support.examples import EXAMPLES, REPO
 from support.servers import free_port
+from support.systemd import FakeSystemd
 
 import trioserve
 from trioserve._server import REQUEST_CLOSE_TIMEOUT
@@ -282,9 +283,14 @@ def assert_json_logs(stderr: str) -> None:
     assert any("shutting down" in record["message"] for record in records), records
 
 
-def test_service_unit_serves_and_stops_on_sigterm() -> None:
+def test_service_unit_serves_and_stops_on_sigterm(short_tmp: Path) -> None:
     unit = read_unit(SERVICE_UNIT)
     check_stop_timing(unit)
+    # Type=notify: play systemd's part, with the unit's watchdog.
+    assert unit_value(unit, "Service", "Type") == "notify"
+    watchdog = seconds(unit_value(unit, "Service", "WatchdogSec"))
+    systemd = FakeSystemd(str(short_tmp / "notify"))
+    env = systemd.environment(WATCHDOG_USEC=str(int(watchdog * 1_000_000)))
     python, arguments = service_command(unit)
     assert arguments[0] == "echo"
     # The unit's own command line, on free loopback ports, with this Python.
@@ -294,15 +300,19 @@ def test_service_unit_serves_and_stops_on_sigterm() -> None:
             assert re.fullmatch(r"[\d.]+:\d+", value), value
             local[index] = "127.0.0.1:0"
     argv = [sys.executable, "-W", "error::ResourceWarning", *python[1:], *local]
-    with run_command(argv) as service:
+    with contextlib.closing(systemd), run_command(argv, env=env) as service:
         listeners = {kind: (host, port) for kind, host, port in service.listeners(2)}
         assert set(listeners) == {"TCP", "UDP"}
+        ready, pid = systemd.receive_blocking()
+        assert ready["READY"] == "1"
+        assert pid == service.proc.pid
         tcp_echo(*listeners["TCP"], b"from the unit's command line\n")
         udp_echo(*listeners["UDP"], b"a datagram")
         with socket.create_connection(listeners["TCP"], timeout=IO_TIMEOUT) as idle:
             # What systemctl stop does: SIGTERM to the main process.
             rc, _, stderr = service.stop(signal.SIGTERM, timeout=PROMPT_EXIT)
             assert idle.recv(100) == b"", "an idle client was not let go"
+        assert systemd.receive_blocking()[0]["STOPPING"] == "1"
     assert rc == 0, stderr
     assert_clean(stderr)
     if option(arguments, "--log-format") == "json":

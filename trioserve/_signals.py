@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from ._notify import Notifier, describe_counters
 from ._server import BaseServer, counted
 from ._socketio import LOOKS_BEFORE_WAITING
 
@@ -44,12 +45,21 @@ async def serve_until_signalled(
     logged and otherwise ignored, so closing a terminal does not kill the
     service. Every server is closed before this returns.
 
+    Under systemd (when ``NOTIFY_SOCKET`` is set), it tells systemd
+    ``READY=1`` once every server serves, ``STOPPING=1`` at the first
+    signal, a ``STATUS=`` line with the servers' counters, and, with
+    ``WatchdogSec=``, pings the watchdog from the event loop; see
+    "Readiness, status and the watchdog" in the deploying guide.
+
     Must be called from the main thread (where Python handles signals).
 
     Returns:
       True if the shutdown was graceful; False if a second signal forced it.
     """
     forced = False
+    notifier = Notifier.from_environment(
+        lambda: describe_counters(server.stats for server in servers)
+    )
     with trio.open_signal_receiver(*WATCHED_SIGNALS) as signals:
         async with AsyncExitStack() as stack:
             for server in servers:
@@ -71,8 +81,11 @@ async def serve_until_signalled(
                 for server in servers:
                     await nursery.start(server.serve_forever)
                 task_status.started([server.server_address for server in servers])
+                notifier.ready()
+                nursery.start_soon(notifier.keep_alive)
 
                 async def stop(name: str) -> None:
+                    notifier.stopping()
                     # A handler that has just replied is about to wait for its
                     # next message: it looks again a few times first (see
                     # _socketio.receive_when_ready), and only then counts as
@@ -98,14 +111,19 @@ async def serve_until_signalled(
                     forced = True
                     nursery.cancel_scope.cancel()
 
-                def start_reload(name: str) -> None:
+                async def run_reload() -> None:
                     assert reload is not None
+                    with notifier.reloading():
+                        await reload()
+
+                def start_reload(name: str) -> None:
                     LOGGER.warning("%s: reloading", name)
-                    nursery.start_soon(reload)
+                    nursery.start_soon(run_reload)
 
                 await follow_stop_signals(
                     signals, stop, force, None if reload is None else start_reload
                 )
+    notifier.stopped()
     return not forced
 
 

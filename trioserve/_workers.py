@@ -17,7 +17,8 @@ import attrs
 import trio
 
 from ._listeners import Listener, new_socket
-from ._server import BaseServer
+from ._notify import Notifier, forget_environment
+from ._server import BaseServer, counted
 from ._signals import WATCHED_SIGNALS, follow_stop_signals, serve_until_signalled
 from ._socket_servers import TCPServer
 
@@ -200,6 +201,10 @@ class _Supervisor:
         self.count = count
         self.shutdown_timeout = shutdown_timeout
         self.workers: set[_Worker] = set()
+        # Tells systemd how the service is doing (when NOTIFY_SOCKET is set).
+        self.notifier = Notifier.from_environment(
+            lambda: counted(len(self.workers), "worker")
+        )
         self.stopping = False
         self.reloading = False
         # Each reload's workers are one generation newer; a worker of an
@@ -354,6 +359,10 @@ class _Supervisor:
         if self.stopping or self.reloading:
             LOGGER.warning("a reload or a stop is under way: not reloading")
             return False
+        with self.notifier.reloading():
+            return await self._reload(nursery)
+
+    async def _reload(self, nursery: trio.Nursery) -> bool:
         self.reloading = True
         old = sorted(self.workers, key=lambda worker: worker.number)
         LOGGER.warning("reloading: starting %d new workers", self.count)
@@ -487,6 +496,8 @@ def _worker_main(
     # Out of the terminal's process group: Ctrl-C reaches the supervisor
     # alone, which tells us once. Two SIGINTs would force the shutdown.
     os.setpgid(0, 0)
+    # systemd knows the supervisor alone: it says when the service is ready.
+    forget_environment()
     try:
         made = list(make_servers())
         servers = [server for server in made if isinstance(server, TCPServer)]
@@ -580,6 +591,12 @@ async def serve_in_workers(
     whose new workers cannot start leaves the old ones serving. If the
     supervisor itself dies, its workers shut down gracefully.
 
+    Under systemd (``NOTIFY_SOCKET``), the supervisor tells systemd
+    ``READY=1`` once every worker serves, ``STOPPING=1`` at the first
+    signal and the number of workers in ``STATUS=``, and pings the
+    watchdog; the workers are started without systemd's notify variables,
+    so that they never speak for the service.
+
     Must be called from the main thread.
 
     Args:
@@ -654,6 +671,7 @@ async def _supervise(
 ) -> bool:
     """Start the workers, then stop them on the first signal; whether forced."""
     forced = False
+    notifier = supervisor.notifier
     async with trio.open_nursery() as nursery:
         await supervisor.start(nursery)
         if control is not None:
@@ -661,8 +679,11 @@ async def _supervise(
         if announce is not None:
             announce(templates)
         task_status.started([server.server_address for server in templates])
+        notifier.ready()
+        nursery.start_soon(notifier.keep_alive)
 
         async def stop(name: str) -> None:
+            notifier.stopping()
             LOGGER.warning(
                 "%s: stopping %d workers; requests in flight get up to %s s",
                 name,

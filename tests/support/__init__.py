@@ -5,6 +5,7 @@
 - :mod:`support.cli`: a child process read line by line with timeouts;
   ``python -m trioserve`` run so, and blocking clients for it.
 - :mod:`support.examples`: the examples in ``examples/`` run so.
+- :mod:`support.systemd`: a stand-in for systemd's notify socket.
 - :mod:`support.haproxy`: a real HAProxy in front of a server.
 - :mod:`support.reliability`: the reliability tests' harness;
   :mod:`support.reliability_server` is the service it runs.

@@ -157,12 +157,16 @@ class EchoCLI(Process):
 
 
 def run_echo(
-    *args: str, command: str = "echo", cwd: str | None = None
+    *args: str,
+    command: str = "echo",
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> contextlib.AbstractContextManager[EchoCLI]:
+    """``python -m trioserve COMMAND ARGS``; ``env`` replaces the environment."""
     argv = [sys.executable, "-W", "error::ResourceWarning", "-m", "trioserve"]
     if command:
         argv.append(command)
-    return running(EchoCLI, [*argv, *args], cwd=cwd)
+    return running(EchoCLI, [*argv, *args], cwd=cwd, env=env)
 
 
 def assert_clean(stderr: str) -> None:
