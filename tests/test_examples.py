@@ -606,6 +606,27 @@ def test_embedded_serves_beside_a_stats_task(signum: int) -> None:
     assert f"{signal_name(signum)}: shutting down" in stderr
 
 
+# -- trio_listeners -----------------------------------------------------------
+
+
+def test_trio_listeners_serve_until_the_application_cancels() -> None:
+    # The application's deadline cancels the server with a client connected
+    # and idle: the client sees the connection close cleanly, finish() ran,
+    # and the stats were readable from another task all along.
+    argv = ["--port", "0", "--serve-for", "3", "--interval", "0.1"]
+    with run_example("trio_listeners", *argv) as example:
+        address = example.listening(1)["TCP"]
+        with line_client(address) as client:
+            assert client.ask(b"hello\n") == b"hello\n"
+            wait_for_stats(example, accepted=1, active=1)
+            assert client.readline() == b""
+        stdout, stderr = example.finish()
+    assert "closing ('127.0.0.1'," in stdout, stdout
+    [final] = [line for line in stdout.splitlines() if line.startswith("final stats")]
+    assert counters(final).items() >= {"accepted": 1, "cancelled": 1}.items()
+    assert "Traceback" not in stderr, stderr
+
+
 # -- all of them --------------------------------------------------------------
 
 EXAMPLE_NAMES = [
@@ -618,6 +639,7 @@ EXAMPLE_NAMES = [
     "resp_store",
     "tcp_echo",
     "tls_echo",
+    "trio_listeners",
     "udp_echo",
 ]
 

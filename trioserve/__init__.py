@@ -2,6 +2,7 @@
 
 from ._activation import systemd_sockets
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from ._listener_server import ListenerServer
 from ._server import BaseServer
 from ._signals import serve_until_signalled
 from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
@@ -26,6 +27,7 @@ __all__ = [
     "BaseServer",
     "DatagramRequestHandler",
     "LineTooLong",
+    "ListenerServer",
     "ServerStats",
     "StreamRequestHandler",
     "TCPServer",

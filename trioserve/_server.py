@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from enum import Enum
 from functools import partial
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import attrs
 import trio
@@ -543,6 +543,22 @@ class BaseServer:
         Here, with no listeners of its own, :meth:`get_request`.
         """
         return [self.get_request]
+
+    def _sources_of(
+        self,
+        listeners: Sequence[Any],
+        sources: Sequence[Callable[[], Awaitable[tuple[Any, Any]]]],
+    ) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+        """The accept tasks' ``sources``, one per listener, unless
+        :meth:`get_request` is overridden: then it is awaited for every
+        request, given the listener to take it from where there are several
+        (so an override must take that argument)."""
+        if is_marked(self.get_request, FORWARDING):
+            return list(sources)
+        if len(listeners) == 1:
+            return [self.get_request]
+        taking = cast(Callable[[Any], Awaitable[tuple[Any, Any]]], self.get_request)
+        return [partial(taking, listener) for listener in listeners]
 
     async def _accept_requests(
         self,

@@ -8,7 +8,6 @@ import logging
 import socket as stdlib_socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Any, Literal, TypeVar, cast
 
 import trio
@@ -25,7 +24,7 @@ from ._listeners import (
     family_of,
     new_socket,
 )
-from ._plan import FORWARDING, forwarding, is_marked, skippable
+from ._plan import forwarding, skippable
 from ._proxy import (
     ProxyMode,
     ProxyProtocolError,
@@ -493,13 +492,8 @@ class TCPServer(BaseServer):
         return taken
 
     def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
-        if not is_marked(self.get_request, FORWARDING):
-            # Overridden: awaited for every request, with the listener's
-            # socket where there are several (see get_request).
-            if len(self._listeners) == 1:
-                return [self.get_request]
-            return [partial(self.get_request, sock) for sock in self.sockets]
-        return [listener.source() for listener in self._listeners]
+        sources = [listener.source() for listener in self._listeners]
+        return self._sources_of(self.sockets, sources)
 
     @forwarding
     async def get_request(
