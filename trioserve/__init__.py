@@ -2,10 +2,11 @@
 
 from ._activation import systemd_sockets
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
+from ._metrics import render_metrics, serve_metrics
 from ._server import BaseServer
 from ._signals import serve_until_signalled
 from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
-from ._stats import ServerStats
+from ._stats import RequestDurations, ServerStats
 from ._streams import (
     AsyncBufferedReader,
     AsyncBufferedWriter,
@@ -26,13 +27,16 @@ __all__ = [
     "BaseServer",
     "DatagramRequestHandler",
     "LineTooLong",
+    "RequestDurations",
     "ServerStats",
     "StreamRequestHandler",
     "TCPServer",
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "render_metrics",
     "serve_in_workers",
+    "serve_metrics",
     "serve_until_signalled",
     "systemd_sockets",
 ]

@@ -31,7 +31,7 @@ from ._plan import (
 )
 from ._shielding import await_shielded, start_shielded
 from ._shutdown import ShutdownSignal
-from ._stats import ServerStats
+from ._stats import RequestDurations, ServerStats
 from ._streams import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_RECEIVE_SIZE,
@@ -288,6 +288,8 @@ class BaseServer:
                 raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
+        #: How long the server's requests took: :class:`RequestDurations`.
+        self.request_durations = RequestDurations()
         # What accept errors make it do (see AcceptErrors).
         self._accept_errors = AcceptErrors(self.stats)
         self._serving: _Serving | None = None
@@ -660,6 +662,7 @@ class BaseServer:
         plan = serving.plan
         stats = self.stats
         stats.active += 1
+        started = trio.current_time()
         # What the peer limit counted, before a PROXY header may change it.
         connected_from = client_address
         slot = serving.slots
@@ -684,6 +687,9 @@ class BaseServer:
             raise
         finally:
             stats.active -= 1
+            # Where every request that ran ends: its duration, the close not
+            # included (a stream's lingers for the peer).
+            self.request_durations.observe(trio.current_time() - started)
             close = plan.close
             if close is not None:
                 # What _close_request does, without a coroutine of its own.
