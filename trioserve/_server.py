@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from enum import Enum
 from functools import partial
+from time import perf_counter
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -662,7 +663,8 @@ class BaseServer:
         plan = serving.plan
         stats = self.stats
         stats.active += 1
-        started = trio.current_time()
+        # perf_counter: a third of trio.current_time()'s cost, per request.
+        started = perf_counter()
         # What the peer limit counted, before a PROXY header may change it.
         connected_from = client_address
         slot = serving.slots
@@ -689,7 +691,7 @@ class BaseServer:
             stats.active -= 1
             # Where every request that ran ends: its duration, the close not
             # included (a stream's lingers for the peer).
-            self.request_durations.observe(trio.current_time() - started)
+            self.request_durations.observe(perf_counter() - started)
             close = plan.close
             if close is not None:
                 # What _close_request does, without a coroutine of its own.

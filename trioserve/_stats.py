@@ -91,7 +91,8 @@ class RequestDurations:
     it; for a stream handler that is the whole connection. Closing the
     connection afterwards is not counted. Requests that never ran (those
     ``verify_request`` or ``max_connections_per_peer`` refused) are not
-    counted either.
+    counted either. Durations are real time (:func:`time.perf_counter`),
+    not Trio's clock.
     """
 
     __slots__ = ("counts", "sum")
