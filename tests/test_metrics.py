@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import attrs
 import pytest
@@ -395,6 +396,19 @@ def test_a_metrics_address_in_use_exits_2(workers: list[str]) -> None:
     assert "in use" in stderr
     assert "serving" not in stdout
     assert "started (pid" not in stderr  # no worker started
+
+
+@needs_promtool
+def test_the_documented_scrape_config_is_valid() -> None:
+    config = Path(__file__).parent.parent / "examples/deploy/prometheus.yml"
+    assert PROMTOOL is not None
+    checked = subprocess.run(
+        [PROMTOOL, "check", "config", "--syntax-only", str(config)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_help_shows_the_metrics_option() -> None:
