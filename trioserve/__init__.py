@@ -3,10 +3,11 @@
 from ._activation import systemd_sockets
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._listener_server import ListenerServer
+from ._metrics import render_metrics, serve_metrics
 from ._server import BaseServer
 from ._signals import serve_until_signalled
 from ._socket_servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
-from ._stats import ServerStats
+from ._stats import RequestDurations, ServerStats
 from ._streams import (
     AsyncBufferedReader,
     AsyncBufferedWriter,
@@ -28,6 +29,7 @@ __all__ = [
     "DatagramRequestHandler",
     "LineTooLong",
     "ListenerServer",
+    "RequestDurations",
     "ServerStats",
     "StreamRequestHandler",
     "TCPServer",
@@ -35,7 +37,9 @@ __all__ = [
     "UnixDatagramServer",
     "UnixStreamServer",
     "WorkerControl",
+    "render_metrics",
     "serve_in_workers",
+    "serve_metrics",
     "serve_until_signalled",
     "systemd_sockets",
 ]

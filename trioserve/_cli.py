@@ -9,7 +9,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
 import sys
 import traceback
@@ -21,6 +20,8 @@ import trio
 
 from . import __version__, _service
 from ._activation import systemd_sockets
+from ._metrics import MetricsServer, render_metrics
+from ._names import format_address, listener_kind
 from ._server import BaseServer
 from ._service import (
     DATAGRAM_LISTENERS,
@@ -32,7 +33,6 @@ from ._service import (
     reload_tls,
 )
 from ._signals import serve_until_signalled
-from ._socket_servers import UDPServer
 from ._workers import serve_in_workers
 
 # Allocations between young-generation collections (CPython's default: 700).
@@ -55,18 +55,6 @@ DEFAULT_TIMEOUT = 120.0
 EXIT_FORCED = 1
 EXIT_USAGE = 2
 EXIT_IMPORT_FAILED = 3
-
-
-def _kind(server: BaseServer, address: Any) -> str:
-    """How the start-up line names a listener: TCP, UDP, UNIX or UNIX-DGRAM."""
-    stream = not isinstance(server, UDPServer)
-    if isinstance(address, tuple):
-        kind = "TCP" if stream else "UDP"
-    else:
-        kind = "UNIX" if stream else "UNIX-DGRAM"
-    if getattr(server, "ssl_context", None) is not None:
-        kind += "+TLS"
-    return kind
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -176,14 +164,6 @@ def _positive_int(text: str) -> int:
 
 def _worker_count(text: str) -> int | Literal["auto"]:
     return "auto" if text == "auto" else _positive_int(text)
-
-
-def format_address(address: Any) -> str:
-    """An address as the start-up line shows it: ``HOST:PORT``, ``[V6]:PORT``, path."""
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return os.fsdecode(address)
 
 
 def _add_serving_options(parser: argparse.ArgumentParser) -> None:
@@ -323,6 +303,14 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         "any that die; 'auto' for one per core (default: serve in this process)",
     )
     serving.add_argument(
+        "--metrics",
+        type=parse_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (with "
+        "--workers, from the supervisor: the sums over workers, and each "
+        "worker's own as trioserve_worker_*)",
+    )
+    serving.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     serving.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -426,7 +414,10 @@ def _announce(servers: Sequence[BaseServer]) -> None:
     for server in servers:
         listening = getattr(server, "server_addresses", [server.server_address])
         for address in listening:
-            kind = _kind(server, address)
+            if isinstance(server, MetricsServer):
+                kind = "METRICS"
+            else:
+                kind = listener_kind(server, address)
             print(f"trioserve: serving {kind} on {format_address(address)}", flush=True)
 
 
@@ -453,14 +444,16 @@ def _tune_gc() -> None:
 
 
 async def _run(service: Service, servers: list[BaseServer]) -> bool:
+    # What a single process can reload: the TLS files.
+    reload = None if service.tls_cert is None else partial(reload_tls, service, servers)
+    if service.metrics is not None:
+        # Served, shut down and announced like the others; it does not
+        # count itself.
+        metrics = MetricsServer(service.metrics, partial(render_metrics, servers))
+        servers = [*servers, metrics]
     _tune_gc()
     return await serve_until_signalled(
-        servers,
-        # What a single process can reload: the TLS files.
-        reload=None
-        if service.tls_cert is None
-        else partial(reload_tls, service, servers),
-        task_status=_AnnounceListeners(servers),
+        servers, reload=reload, task_status=_AnnounceListeners(servers)
     )
 
 
@@ -481,7 +474,9 @@ def worker_servers(
 
 async def _run_workers(service: Service, args: argparse.Namespace) -> bool:
     factory = partial(worker_servers, service, args.log_level, args.log_format)
-    return await serve_in_workers(factory, args.workers, announce=_announce)
+    return await serve_in_workers(
+        factory, args.workers, announce=_announce, metrics=service.metrics
+    )
 
 
 def describe(
@@ -529,6 +524,7 @@ def describe(
         tls_key=args.tls_key,
         timeout=_timeout_setting(args.timeout, DEFAULT_TIMEOUT),
         timeout_given=args.timeout is not None,
+        metrics=args.metrics,
     )
 
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from enum import Enum
 from functools import partial
+from time import perf_counter
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 
@@ -31,7 +32,7 @@ from ._plan import (
 )
 from ._shielding import await_shielded, start_shielded
 from ._shutdown import ShutdownSignal
-from ._stats import ServerStats
+from ._stats import RequestDurations, ServerStats
 from ._streams import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_RECEIVE_SIZE,
@@ -288,6 +289,8 @@ class BaseServer:
                 raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
+        #: How long the server's requests took: :class:`RequestDurations`.
+        self.request_durations = RequestDurations()
         # What accept errors make it do (see AcceptErrors).
         self._accept_errors = AcceptErrors(self.stats)
         self._serving: _Serving | None = None
@@ -676,6 +679,8 @@ class BaseServer:
         plan = serving.plan
         stats = self.stats
         stats.active += 1
+        # perf_counter: a third of trio.current_time()'s cost, per request.
+        started = perf_counter()
         # What the peer limit counted, before a PROXY header may change it.
         connected_from = client_address
         slot = serving.slots
@@ -700,6 +705,9 @@ class BaseServer:
             raise
         finally:
             stats.active -= 1
+            # Where every request that ran ends: its duration, the close not
+            # included (a stream's lingers for the peer).
+            self.request_durations.observe(perf_counter() - started)
             close = plan.close
             if close is not None:
                 # What _close_request does, without a coroutine of its own.

@@ -86,6 +86,8 @@ class Service:
     #: class with a timeout of its own keeps it.
     timeout: float | None = None
     timeout_given: bool = False
+    #: Where to serve Prometheus metrics (by the main process), if anywhere.
+    metrics: tuple[str, int] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_protocol != "off" and not self.trusted_proxies:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from typing import ClassVar, Final
+
 import attrs
 
 
@@ -57,3 +60,62 @@ class ServerStats:
     #: needs a higher descriptor limit (``ulimit -n``) or fewer connections.
     #: Not counted in ``accepted``.
     accept_errors: int = 0
+
+
+#: The upper bounds, in seconds, of :class:`RequestDurations`' buckets: from
+#: a quick datagram (a millisecond) to a long-lived connection (a minute).
+DURATION_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class RequestDurations:
+    """How long requests took: a histogram; read it as ``server.request_durations``.
+
+    A request's duration runs from the start of its run (before a TLS
+    handshake or a PROXY header) to the end of its handler, whatever ended
+    it; for a stream handler that is the whole connection. Closing the
+    connection afterwards is not counted. Requests that never ran (those
+    ``verify_request`` or ``max_connections_per_peer`` refused) are not
+    counted either. Durations are real time (:func:`time.perf_counter`),
+    not Trio's clock.
+    """
+
+    __slots__ = ("counts", "sum")
+
+    #: The upper bound of each bucket but the last, in seconds.
+    bounds: ClassVar[tuple[float, ...]] = DURATION_BUCKETS
+
+    def __init__(self) -> None:
+        #: How many requests fell in each bucket (not cumulative): in
+        #: ``counts[i]`` those that took more than ``bounds[i - 1]`` and at
+        #: most ``bounds[i]`` seconds; in the last, those that took longer
+        #: than every bound.
+        self.counts = [0] * (len(self.bounds) + 1)
+        #: The seconds all requests took together.
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count a request that took ``seconds``."""
+        # bisect_left: a bound is the bucket's inclusive upper end.
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        """How many requests were counted."""
+        return sum(self.counts)

@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from ._listeners import Listener, new_socket
+from ._metrics import MetricsServer, WorkerMetrics, send_snapshots, snapshots
 from ._notify import Notifier, forget_environment
 from ._server import BaseServer, counted
 from ._signals import WATCHED_SIGNALS, follow_stop_signals, serve_until_signalled
@@ -195,12 +196,15 @@ class _Supervisor:
         listeners: list[list[_Listener]],
         count: int,
         shutdown_timeout: float,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.make_servers = make_servers
         self.listeners = listeners
         self.count = count
         self.shutdown_timeout = shutdown_timeout
         self.workers: set[_Worker] = set()
+        # Where workers' metrics go; None: workers send none.
+        self.metrics = metrics
         # Tells systemd how the service is doing (when NOTIFY_SOCKET is set).
         self.notifier = Notifier.from_environment(
             lambda: counted(len(self.workers), "worker")
@@ -216,10 +220,13 @@ class _Supervisor:
         self.exited = trio.Event()
 
     async def _slot_sockets(self) -> _SlotSockets:
-        sockets = [
-            [await listener.socket_for_worker() for listener in server_listeners]
-            for server_listeners in self.listeners
-        ]
+        # Loops, not a nested comprehension: Python 3.10 refuses an await in
+        # the inner one.
+        sockets: list[list[trio.socket.SocketType]] = []
+        for server_listeners in self.listeners:
+            sockets.append(
+                [await listener.socket_for_worker() for listener in server_listeners]
+            )
         shared = {
             id(listener.shared)
             for listeners in self.listeners
@@ -240,7 +247,7 @@ class _Supervisor:
         status, report = _CONTEXT.Pipe(duplex=False)
         process = _CONTEXT.Process(
             target=_worker_main,
-            args=(self.make_servers, number, sockets, report),
+            args=(self.make_servers, number, sockets, report, self.metrics is not None),
             name=f"trioserve-worker-{number}",
         )
         slot.users += 1
@@ -323,6 +330,9 @@ class _Supervisor:
                     ready = True
                     if task_status is not None:
                         task_status.started(worker)
+                elif kind == "metrics":
+                    if self.metrics is not None:
+                        self.metrics.update((worker.number, worker.pid), detail)
                 elif kind == "stats":
                     LOGGER.info(
                         "worker %d (pid %d) stopped after %s",
@@ -335,6 +345,8 @@ class _Supervisor:
         finally:
             worker.status.close()
             worker.sockets.release()
+            if self.metrics is not None:
+                self.metrics.departed((worker.number, worker.pid))
             self.workers.discard(worker)
             self.exited.set()
         return ready
@@ -491,6 +503,7 @@ def _worker_main(
     number: int,
     sockets: list[list[stdlib_socket.socket]],
     report: Connection,
+    metrics: bool = False,
 ) -> None:
     """A worker process's main: serve on the sockets given until told to stop."""
     # Out of the terminal's process group: Ctrl-C reaches the supervisor
@@ -511,7 +524,7 @@ def _worker_main(
             for sock in socks:
                 sock.close()
         raise
-    graceful = trio.run(_serve_worker, servers, report)
+    graceful = trio.run(_serve_worker, servers, report, metrics)
     sys.exit(0 if graceful else 1)
 
 
@@ -525,13 +538,22 @@ class _ReportReady:
         self.report.send(("ready", None))
 
 
-async def _serve_worker(servers: Sequence[BaseServer], report: Connection) -> bool:
+async def _serve_worker(
+    servers: Sequence[BaseServer], report: Connection, metrics: bool = False
+) -> bool:
+    def send_metrics(snapshots: object) -> None:
+        report.send(("metrics", snapshots))
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_when_orphaned)
+        if metrics:
+            nursery.start_soon(send_snapshots, servers, send_metrics)
         graceful = await serve_until_signalled(
             servers, task_status=_ReportReady(report)
         )
         nursery.cancel_scope.cancel()
+    if metrics:  # the final counts
+        send_metrics(snapshots(servers))
     report.send(("stats", [attrs.asdict(server.stats) for server in servers]))
     report.close()
     return graceful
@@ -553,6 +575,7 @@ async def serve_in_workers(
     reuse_port: bool | None = None,
     announce: Callable[[Sequence[TCPServer]], object] | None = None,
     control: WorkerControl | None = None,
+    metrics: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
 ) -> bool:
     """Serve in ``workers`` processes until SIGINT or SIGTERM; supervise them.
@@ -617,8 +640,15 @@ async def serve_in_workers(
         ``task_status.started()``, with the servers ``make_servers`` made
         here. They are bound, so their ``server_addresses`` are the real
         addresses of every listener (``task_status.started()`` reports each
-        server's first), with port 0 resolved.
+        server's first), with port 0 resolved. With ``metrics``, the
+        metrics server (a :class:`TCPServer`) comes last.
       control: A :class:`WorkerControl` to reload the workers from Python.
+      metrics: ``(host, port)`` where the supervisor serves Prometheus
+        metrics (see :func:`serve_metrics`): the sums over workers under
+        the usual names, and each worker's own series as
+        ``trioserve_worker_*`` with ``worker`` and ``pid`` labels. Workers
+        report their numbers every second and as they exit; the sums keep
+        the counts of workers that have exited, so they never go back.
 
     Returns:
       True if every worker shut down gracefully; False if a second signal
@@ -639,14 +669,28 @@ async def serve_in_workers(
             raise TypeError(f"{server!r} has no sockets to share with workers")
         templates.append(server)
     listeners: list[list[_Listener]] = []
+    collector: WorkerMetrics | None = None
+    metrics_server: MetricsServer | None = None
+    if metrics is not None:
+        collector = WorkerMetrics()
+        metrics_server = MetricsServer(metrics, collector.render)
     try:
         with trio.open_signal_receiver(*WATCHED_SIGNALS) as signals:
             for server in templates:
                 listeners.append(await _bind_listeners(server, reuse_port))
+            if metrics_server is not None:
+                # Bound before any worker starts, as the listeners are.
+                await metrics_server.__aenter__()
             timeout = max((server.shutdown_timeout for server in templates), default=0)
-            supervisor = _Supervisor(make_servers, listeners, count, timeout)
+            supervisor = _Supervisor(make_servers, listeners, count, timeout, collector)
             forced = await _supervise(
-                supervisor, signals, templates, announce, control, task_status
+                supervisor,
+                signals,
+                templates,
+                announce,
+                control,
+                task_status,
+                metrics_server,
             )
     except BaseExceptionGroup as group:
         # A worker that could not start: report that, not the group.
@@ -658,6 +702,8 @@ async def serve_in_workers(
         _close_listeners(listeners)
         for server in templates:
             await server.server_close()  # removes the Unix socket files
+        if metrics_server is not None:
+            await metrics_server.server_close()
     return supervisor.clean and not forced
 
 
@@ -668,6 +714,7 @@ async def _supervise(
     announce: Callable[[Sequence[TCPServer]], object] | None,
     control: WorkerControl | None,
     task_status: trio.TaskStatus[list[Any]],
+    metrics_server: MetricsServer | None = None,
 ) -> bool:
     """Start the workers, then stop them on the first signal; whether forced."""
     forced = False
@@ -676,8 +723,12 @@ async def _supervise(
         await supervisor.start(nursery)
         if control is not None:
             control._serving = (supervisor, nursery)
+        announced = list(templates)
+        if metrics_server is not None:
+            await nursery.start(metrics_server.serve_forever)
+            announced.append(metrics_server)
         if announce is not None:
-            announce(templates)
+            announce(announced)
         task_status.started([server.server_address for server in templates])
         notifier.ready()
         nursery.start_soon(notifier.keep_alive)

@@ -30,7 +30,7 @@ EXIT_TIMEOUT = 10.0
 PROMPT_EXIT = 3.0
 
 SERVING_LINE = re.compile(
-    r"^trioserve: serving (?P<kind>TCP(?:\+TLS)?|UDP) on "
+    r"^trioserve: serving (?P<kind>TCP(?:\+TLS)?|UDP|METRICS) on "
     r"(?:\[(?P<host6>[^\]]+)\]|(?P<host4>[^:\[\]]+)):(?P<port>\d+)$"
 )
 
