@@ -39,3 +39,30 @@ def test_pyproject_takes_the_version_from_the_package() -> None:
     assert "version" in pyproject["project"]["dynamic"]
     source = pyproject["tool"]["hatch"]["version"]["path"]
     assert (REPO / source).resolve() == Path(trioserve.__file__).resolve()
+
+
+def supported() -> tuple[list[str], str]:
+    """The Pythons and the oldest Trio that pyproject.toml claims."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    prefix = "Programming Language :: Python :: 3."
+    pythons = [
+        "3." + classifier.removeprefix(prefix)
+        for classifier in project["classifiers"]
+        if classifier.startswith(prefix) and classifier.removeprefix(prefix).isdigit()
+    ]
+    (trio,) = [
+        match[1]
+        for requirement in project["dependencies"]
+        if (match := re.fullmatch(r"trio>=([\d.]+)", requirement))
+    ]
+    return pythons, trio
+
+
+def test_readme_and_docs_state_the_supported_pythons_and_oldest_trio() -> None:
+    pythons, trio = supported()
+    assert pythons == ["3.10", "3.11", "3.12", "3.13"]
+    listed = ", ".join(pythons[:-1]) + f" and {pythons[-1]}"
+    for page in (REPO / "README.md", REPO / "docs" / "index.rst"):
+        text = " ".join(page.read_text(encoding="utf-8").split())
+        assert f"Python {listed}" in text, page.name
+        assert f"Trio {trio} or newer" in text, page.name
