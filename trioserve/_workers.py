@@ -179,10 +179,13 @@ class _Supervisor:
         self.exited = trio.Event()
 
     async def _spawn(self, number: int) -> _Worker:
-        given = [
-            [await listener.socket_for_worker() for listener in server_listeners]
-            for server_listeners in self.listeners
-        ]
+        # A loop, not a nested comprehension: Python 3.10 allows no await in
+        # a comprehension inside another.
+        given = []
+        for server_listeners in self.listeners:
+            given.append(
+                [await listener.socket_for_worker() for listener in server_listeners]
+            )
         # multiprocessing passes stdlib sockets to the new process by their
         # file descriptors: hand it duplicates, closed once it has its own.
         sockets = [
