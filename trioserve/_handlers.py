@@ -156,8 +156,9 @@ class StreamRequestHandler(BaseRequestHandler):
       ``await rfile.readline()``, ``await rfile.read(n)``,
       ``await rfile.read1(n)``, ``async for line in rfile``.
     - ``self.wfile`` is an :class:`~trioserve.AsyncBufferedWriter` over it:
-      ``await wfile.write(data)``, ``await wfile.flush()``. It is flushed by
-      :meth:`finish`.
+      ``await wfile.write(data)``, ``await wfile.flush()``, and
+      ``await wfile.send_eof()`` to half-close (not under TLS). It is
+      flushed by :meth:`finish`.
 
     When a graceful shutdown starts, a read that is waiting for the first
     byte of a new message waits at most the server's ``drain_window`` for
