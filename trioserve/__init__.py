@@ -1,6 +1,7 @@
 """trioserve: Python's socketserver model on Trio's structured concurrency."""
 
 from ._activation import systemd_sockets
+from ._credentials import PeerCredentials, peer_credentials
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._server import BaseServer
 from ._signals import serve_until_signalled
@@ -26,12 +27,14 @@ __all__ = [
     "BaseServer",
     "DatagramRequestHandler",
     "LineTooLong",
+    "PeerCredentials",
     "ServerStats",
     "StreamRequestHandler",
     "TCPServer",
     "UDPServer",
     "UnixDatagramServer",
     "UnixStreamServer",
+    "peer_credentials",
     "serve_in_workers",
     "serve_until_signalled",
     "systemd_sockets",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._credentials import PeerCredentials, peer_credentials
 from ._shielding import shieldable_from_first_wait, start_shielded
 from ._socketio import send_datagram
 from ._streams import (
@@ -185,6 +186,16 @@ class StreamRequestHandler(BaseRequestHandler):
     connection: trio.abc.Stream
     rfile: AsyncBufferedReader
     wfile: AsyncBufferedWriter
+
+    @property
+    def peer_credentials(self) -> PeerCredentials | None:
+        """``(pid, uid, gid)`` of the client of a Unix stream server.
+
+        As :func:`trioserve.peer_credentials` gives them for the request:
+        None on TCP; :exc:`NotImplementedError` on a Unix socket outside
+        Linux. Each read asks the kernel (one ``getsockopt``).
+        """
+        return peer_credentials(self.request)
 
     async def setup(self) -> None:
         """Set ``connection``, ``rfile`` and ``wfile``; call it from an override."""
