@@ -469,6 +469,28 @@ def test_the_arguments_make_a_frozen_description_the_workers_share(
         assert [type(server) for server in made[0]] == kinds, argv
 
 
+def test_tcp_keepalive_option_reaches_the_stream_server_alone() -> None:
+    parser = _build_parser()
+    argv = ["echo", "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"]
+    stream, datagram = make_servers(
+        describe(parser.parse_args([*argv, "--tcp-keepalive", "30,5,4"]))
+    )
+    assert isinstance(stream, trioserve.TCPServer)
+    assert not isinstance(stream, trioserve.UDPServer)
+    assert stream.tcp_keepalive == (30, 5, 4)
+    assert isinstance(datagram, trioserve.UDPServer)
+    assert datagram.tcp_keepalive is None
+    [default] = make_servers(
+        describe(parser.parse_args(["echo", "--tcp", ":0", "--tcp-keepalive", "60"]))
+    )
+    assert isinstance(default, trioserve.TCPServer)
+    assert default.tcp_keepalive == (60, 10, 6)
+    with run_echo("--tcp", "127.0.0.1:0", "--tcp-keepalive", "60,x,3") as cli:
+        rc, _, stderr = cli.finish()
+    assert rc == 2
+    assert stderr.startswith("trioserve echo: error: argument --tcp-keepalive:")
+
+
 def run_with_short_defaults(
     *args: str, cwd: Path
 ) -> contextlib.AbstractContextManager[EchoCLI]:

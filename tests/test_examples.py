@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -246,6 +247,35 @@ def test_allow_list_default_allows_loopback() -> None:
             assert client.ask(b"hello\n") == b"hello\n"
         stdout, _ = example.stop()
     assert "served 1, rejected 0" in stdout
+
+
+# -- peer_uid -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_PEERCRED")
+def test_peer_uid_serves_its_own_user(short_tmp: Path) -> None:
+    path = str(short_tmp / "peer.sock")
+    with run_example("peer_uid", "--path", path) as example:
+        assert example.listening(1)["UNIX"] == path
+        with line_client(path) as client:
+            assert client.readline() == b"hello, uid %d\n" % os.geteuid()
+            assert client.ask(b"it is me\n") == b"it is me\n"
+        stdout, _ = example.stop()
+    assert "served 1, rejected 0" in stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_PEERCRED")
+def test_peer_uid_closes_other_users_unhandled(short_tmp: Path) -> None:
+    path = str(short_tmp / "peer.sock")
+    other = str(os.geteuid() + 1)
+    with run_example("peer_uid", "--path", path, "--allow-uid", other) as example:
+        example.listening(1)
+        with line_client(path) as rejected:
+            assert rejected.readline() == b""
+        stdout, stderr = example.stop()
+    assert "rejected PeerCredentials(pid=" in stderr
+    assert f"uid={os.geteuid()}" in stderr
+    assert "served 0, rejected 1" in stdout
 
 
 # -- tls_echo -----------------------------------------------------------------
@@ -636,6 +666,7 @@ EXAMPLE_NAMES = [
     "http_keepalive",
     "kv_store",
     "multi_protocol",
+    "peer_uid",
     "resp_store",
     "tcp_echo",
     "tls_echo",
@@ -655,5 +686,6 @@ def test_help_shows_how_to_try_it(name: str) -> None:
         stdout, stderr = example.stdout.join(), example.stderr.join()
     assert rc == 0, stderr
     assert "Try it" in stdout
-    assert "--port" in stdout
+    # Where it listens: a port, or (for a Unix socket alone) a path.
+    assert "--port" in stdout or "--path" in stdout
     assert stderr == ""

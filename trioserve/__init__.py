@@ -1,6 +1,7 @@
 """trioserve: Python's socketserver model on Trio's structured concurrency."""
 
 from ._activation import systemd_sockets
+from ._credentials import PeerCredentials, peer_credentials
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._listener_server import ListenerServer
 from ._metrics import render_metrics, serve_metrics
@@ -29,6 +30,7 @@ __all__ = [
     "DatagramRequestHandler",
     "LineTooLong",
     "ListenerServer",
+    "PeerCredentials",
     "RequestDurations",
     "ServerStats",
     "StreamRequestHandler",
@@ -37,6 +39,7 @@ __all__ = [
     "UnixDatagramServer",
     "UnixStreamServer",
     "WorkerControl",
+    "peer_credentials",
     "render_metrics",
     "serve_in_workers",
     "serve_metrics",

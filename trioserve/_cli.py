@@ -20,6 +20,7 @@ import trio
 
 from . import __version__, _service
 from ._activation import systemd_sockets
+from ._keepalive import parse_tcp_keepalive
 from ._metrics import MetricsServer, render_metrics
 from ._names import format_address, listener_kind
 from ._server import BaseServer
@@ -162,6 +163,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tcp_keepalive(text: str) -> tuple[int, int, int]:
+    try:
+        return parse_tcp_keepalive(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _worker_count(text: str) -> int | Literal["auto"]:
     return "auto" if text == "auto" else _positive_int(text)
 
@@ -273,6 +281,14 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         "this long ends the request: cuts off a client that stops reading "
         f"(default {DEFAULT_TIMEOUT:g}, or the handler class's own timeout; "
         "'off' for none)",
+    )
+    serving.add_argument(
+        "--tcp-keepalive",
+        type=_tcp_keepalive,
+        metavar="IDLE[,INTERVAL,COUNT]",
+        help="probe idle TCP connections: after IDLE seconds of silence, every "
+        "INTERVAL seconds (default 10), COUNT times (default 6), then drop the "
+        "connection (default: the system's settings)",
     )
     serving.add_argument(
         "--max-per-peer",
@@ -520,6 +536,7 @@ def describe(
         proxy_protocol=args.proxy_protocol,
         trusted_proxies=tuple(args.trusted_proxy),
         handshake_timeout=args.handshake_timeout,
+        tcp_keepalive=args.tcp_keepalive,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         timeout=_timeout_setting(args.timeout, DEFAULT_TIMEOUT),

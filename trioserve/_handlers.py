@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._credentials import PeerCredentials, peer_credentials
 from ._shielding import shieldable_from_first_wait, start_shielded
 from ._socketio import send_datagram
 from ._streams import (
@@ -156,8 +157,9 @@ class StreamRequestHandler(BaseRequestHandler):
       ``await rfile.readline()``, ``await rfile.read(n)``,
       ``await rfile.read1(n)``, ``async for line in rfile``.
     - ``self.wfile`` is an :class:`~trioserve.AsyncBufferedWriter` over it:
-      ``await wfile.write(data)``, ``await wfile.flush()``. It is flushed by
-      :meth:`finish`.
+      ``await wfile.write(data)``, ``await wfile.flush()``, and
+      ``await wfile.send_eof()`` to half-close (not under TLS). It is
+      flushed by :meth:`finish`.
 
     When a graceful shutdown starts, a read that is waiting for the first
     byte of a new message waits at most the server's ``drain_window`` for
@@ -184,6 +186,16 @@ class StreamRequestHandler(BaseRequestHandler):
     connection: trio.abc.Stream
     rfile: AsyncBufferedReader
     wfile: AsyncBufferedWriter
+
+    @property
+    def peer_credentials(self) -> PeerCredentials | None:
+        """``(pid, uid, gid)`` of the client of a Unix stream server.
+
+        As :func:`trioserve.peer_credentials` gives them for the request:
+        None on TCP; :exc:`NotImplementedError` on a Unix socket outside
+        Linux. Each read asks the kernel (one ``getsockopt``).
+        """
+        return peer_credentials(self.request)
 
     async def setup(self) -> None:
         """Set ``connection``, ``rfile`` and ``wfile``; call it from an override."""

@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, cast
 import attrs
 import trio
 
+from ._keepalive import TCPKeepalive, set_tcp_keepalive
 from ._socketio import Pacer, receive_when_ready, stdlib_socket_of
 from ._stats import ServerStats
 from ._warning_limiter import WarningLimiter
@@ -261,15 +262,49 @@ class Listener:
 
 @attrs.define(eq=False)
 class StreamListener(Listener):
-    """A listening stream socket: each request is a :class:`trio.SocketStream`."""
+    """A listening stream socket: each request is a :class:`trio.SocketStream`.
+
+    With ``tcp_keepalive``, every connection accepted on a TCP socket gets
+    those keepalive times (see ``_keepalive``); a Unix socket has none to
+    set.
+    """
+
+    #: ``(idle, interval, count)`` for accepted TCP connections, or None to
+    #: leave the system's defaults.
+    tcp_keepalive: TCPKeepalive | None = attrs.field(default=None, kw_only=True)
 
     def source(self) -> Callable[[], Awaitable[Accepted]]:
-        return self.accept
+        if self._keepalive() is None:
+            return self.accept
+        return self._accept_keeping_alive
 
     async def accept(self) -> Accepted:
         """Accept the next connection."""
         connection, client_address = await self.socket.accept()
         return trio.SocketStream(connection), client_address
+
+    async def _accept_keeping_alive(self) -> Accepted:
+        stream, client_address = await self.accept()
+        self._set_options(stream)
+        return stream, client_address
+
+    def _keepalive(self) -> TCPKeepalive | None:
+        """The keepalive times to set on accepted connections, if any."""
+        if self.socket.family not in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
+            return None
+        return self.tcp_keepalive
+
+    def _set_options(self, stream: trio.SocketStream) -> None:
+        keepalive = self._keepalive()
+        if keepalive is None:
+            return
+        try:
+            set_tcp_keepalive(stream.socket, keepalive)
+        except OSError:
+            # As an accept that failed: the caller sees the errno (a peer
+            # that already reset is skipped), and nothing is left open.
+            stream.socket.close()
+            raise
 
     def take_waiting(self) -> Accepted | None:
         sock = stdlib_socket_of(self.socket)
@@ -277,12 +312,12 @@ class StreamListener(Listener):
             return None
         try:
             connection, client_address = sock.accept()
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+            self._set_options(stream)
         except OSError:
             # Empty (EAGAIN), or a connection that died waiting.
             return None
-        return trio.SocketStream(trio.socket.from_stdlib_socket(connection)), (
-            client_address
-        )
+        return stream, client_address
 
 
 @attrs.define(eq=False)

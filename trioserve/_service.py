@@ -80,6 +80,7 @@ class Service:
     proxy_protocol: ProxyProtocol = "off"
     trusted_proxies: tuple[str, ...] = ()
     handshake_timeout: float | None = None
+    tcp_keepalive: tuple[int, int, int] | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     #: A stream handler's ``timeout``; unless ``timeout_given``, a handler
@@ -194,6 +195,8 @@ def _options(service: Service, server_class: type[TCPServer]) -> dict[str, Any]:
         return options
     if service.handshake_timeout is not None:
         options["handshake_timeout"] = service.handshake_timeout
+    if service.tcp_keepalive is not None:
+        options["tcp_keepalive"] = service.tcp_keepalive
     if service.tls_cert is not None:
         options["ssl_context"] = tls_context(service.tls_cert, service.tls_key)
     return options

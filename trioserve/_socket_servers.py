@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar, cast
 import trio
 
 from ._handlers import BaseRequestHandler
+from ._keepalive import check_tcp_keepalive
 from ._lingering import close_without_reset
 from ._listeners import (
     DatagramListener,
@@ -110,7 +111,8 @@ class TCPServer(BaseServer):
         :attr:`server_addresses`. Host ``""`` means both families here too.
       ssl_context: Serve TLS with this server-side context.
       handshake_timeout, max_concurrent_handshakes, proxy_protocol,
-      trusted_proxies: Override the class attributes of those names.
+      trusted_proxies, tcp_keepalive: Override the class attributes of
+        those names.
       max_concurrent_requests, max_connections_per_peer, request_timeout,
       idle_timeout, shutdown_timeout, drain_window: As on :class:`BaseServer`.
     """
@@ -166,6 +168,16 @@ class TCPServer(BaseServer):
     #: The peers allowed to send PROXY headers: IP addresses or networks
     #: (``"10.0.0.0/8"``), and ``"unix"`` for every peer on a Unix socket.
     trusted_proxies: Sequence[str] = ()
+    #: TCP keepalive for every accepted TCP connection, as
+    #: ``(idle, interval, count)``: after ``idle`` seconds without traffic
+    #: the kernel probes the peer every ``interval`` seconds, and resets the
+    #: connection after ``count`` unanswered probes, so a handler waiting on
+    #: a peer that vanished sees its read fail. Seconds are rounded up to
+    #: whole ones; a bad value raises :exc:`ValueError` when the server is
+    #: made (or starts serving, for one set later). ``None`` leaves the
+    #: system's defaults (on Linux: off unless the socket asks for it). The
+    #: listening socket and Unix connections are left alone.
+    tcp_keepalive: tuple[float, float, int] | None = None
 
     def __init__(
         self,
@@ -179,6 +191,7 @@ class TCPServer(BaseServer):
         max_concurrent_handshakes: int | _Default | None = DEFAULT,
         proxy_protocol: ProxyProtocolMode | _Default = DEFAULT,
         trusted_proxies: Sequence[str] | _Default = DEFAULT,
+        tcp_keepalive: tuple[float, float, int] | _Default | None = DEFAULT,
         max_concurrent_requests: int | _Default | None = DEFAULT,
         max_connections_per_peer: int | _Default | None = DEFAULT,
         request_timeout: float | _Default | None = DEFAULT,
@@ -207,7 +220,14 @@ class TCPServer(BaseServer):
             max_concurrent_handshakes=max_concurrent_handshakes,
             proxy_protocol=proxy_protocol,
             trusted_proxies=trusted_proxies,
+            tcp_keepalive=tcp_keepalive,
         )
+        self.tcp_keepalive = check_tcp_keepalive(self.tcp_keepalive)
+        if (
+            self.tcp_keepalive is not None
+            and self.socket_type != stdlib_socket.SOCK_STREAM
+        ):
+            raise ValueError("tcp_keepalive needs a stream server")
         if (limit := self.max_concurrent_handshakes) is not None and limit < 1:
             raise ValueError("max_concurrent_handshakes must be at least 1, or None")
         self._trusted_networks = _trusted_networks(
@@ -492,6 +512,11 @@ class TCPServer(BaseServer):
         return taken
 
     def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+        # As it is when serving starts, like the server's other options.
+        keepalive = check_tcp_keepalive(self.tcp_keepalive)
+        for listener in self._listeners:
+            if isinstance(listener, StreamListener):
+                listener.tcp_keepalive = keepalive
         sources = [listener.source() for listener in self._listeners]
         return self._sources_of(self.sockets, sources)
 

@@ -11,6 +11,7 @@ byte. Together these keep reading linear in the bytes received.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import ssl
 from collections.abc import Awaitable, Coroutine
@@ -532,6 +533,44 @@ class AsyncBufferedWriter:
         finally:
             self._writing = False
 
+    async def send_eof(self) -> None:
+        """Flush, then shut the write side: the peer reads to end-of-stream.
+
+        A half-close: the handler keeps reading what the peer sends after
+        it, as a peer that reads until end-of-stream before it answers
+        needs. A write after it raises :exc:`trio.ClosedResourceError`
+        (``buffer_size`` becomes 0, so that none waits in the buffer).
+        Calling it again does nothing.
+
+        Raises:
+          io.UnsupportedOperation: the stream cannot half-close, as on TLS:
+            Trio's :class:`trio.SSLStream` has no ``send_eof``. Nothing is
+            flushed or closed then.
+        """
+        stream = self._stream
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            if isinstance(stream, _WriteSideClosed):
+                await trio.lowlevel.checkpoint()
+                return
+            name = type(stream).__name__
+            kind = "TLS" if isinstance(stream, trio.SSLStream) else name
+            raise io.UnsupportedOperation(
+                f"send_eof() cannot half-close a {kind} connection: Trio's "
+                f"{name} cannot end its sending side and go "
+                f"on receiving"
+            )
+        self._start_writing()
+        try:
+            await self._send_buffer()
+            await stream.send_eof()
+            # Writes from now on meet this instead of the socket, at once:
+            # none is held back in the buffer.
+            self._stream = _WriteSideClosed()
+            self._io = None
+            self.buffer_size = 0
+        finally:
+            self._writing = False
+
     async def _send_buffer(self) -> None:
         if self._buffer:
             data = bytes(self._buffer)
@@ -569,6 +608,19 @@ class AsyncBufferedWriter:
             await io.wait_writable()
             return
         raise TimeoutError(f"peer took no data for {self.timeout} seconds")
+
+
+class _WriteSideClosed(trio.abc.SendStream):
+    """What a writer writes to after :meth:`AsyncBufferedWriter.send_eof`."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise trio.ClosedResourceError("the write side was shut by send_eof()")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise trio.ClosedResourceError("the write side was shut by send_eof()")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
 
 
 class AsyncPacketReader(_LineIterator):
