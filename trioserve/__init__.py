@@ -11,6 +11,8 @@ from ._streams import (
     AsyncBufferedWriter,
     AsyncPacketReader,
     AsyncPacketWriter,
+    AsyncReader,
+    AsyncWriter,
     LineTooLong,
 )
 from ._workers import serve_in_workers
@@ -22,6 +24,8 @@ __all__ = [
     "AsyncBufferedWriter",
     "AsyncPacketReader",
     "AsyncPacketWriter",
+    "AsyncReader",
+    "AsyncWriter",
     "BaseRequestHandler",
     "BaseServer",
     "DatagramRequestHandler",
