@@ -171,7 +171,7 @@ def test_handler_tests_in_the_docs_pass() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout, result.stdout
+    assert "6 passed" in result.stdout, result.stdout
 
 
 def test_serve_command_in_the_docs_serves_the_handler() -> None:
