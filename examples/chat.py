@@ -44,6 +44,8 @@ class ChatServer(trioserve.TCPServer):
 
 class ChatHandler(trioserve.StreamRequestHandler):
     server: ChatServer
+    # The stream writer itself, for its timeout.
+    wfile: trioserve.AsyncBufferedWriter
 
     async def setup(self) -> None:
         await super().setup()

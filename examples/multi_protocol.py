@@ -3,8 +3,11 @@
 ``Shout`` replies to every line with the line in upper case. Its ``handle()``
 is written once, as a mixin: stream handlers and datagram handlers give
 ``rfile`` and ``wfile`` the same async interface, so the same body reads a
-TCP or Unix connection line by line, or the lines of one UDP datagram. Three
-servers run in one process, and one signal shuts all of them down.
+TCP or Unix connection line by line, or the lines of one UDP datagram. The
+mixin declares that interface (``trioserve.AsyncReader`` and
+``trioserve.AsyncWriter``), so it type-checks under ``mypy --strict`` with
+either handler class. Three servers run in one process, and one signal
+shuts all of them down.
 
 Try it::
 
@@ -34,8 +37,9 @@ import trioserve
 class Shout(trioserve.BaseRequestHandler):
     """The protocol, independent of the transport."""
 
-    rfile: trioserve.AsyncBufferedReader | trioserve.AsyncPacketReader
-    wfile: trioserve.AsyncBufferedWriter | trioserve.AsyncPacketWriter
+    # What every handler's rfile and wfile can do: streams' and datagrams'.
+    rfile: trioserve.AsyncReader
+    wfile: trioserve.AsyncWriter
 
     async def handle(self) -> None:
         async for line in self.rfile:
@@ -45,13 +49,11 @@ class Shout(trioserve.BaseRequestHandler):
 # The mixin comes first, so its handle() wins; the base supplies setup()
 # and finish(), which make rfile/wfile and (for datagrams) send the reply.
 class StreamShout(Shout, trioserve.StreamRequestHandler):
-    rfile: trioserve.AsyncBufferedReader
-    wfile: trioserve.AsyncBufferedWriter
+    pass
 
 
 class DatagramShout(Shout, trioserve.DatagramRequestHandler):
-    rfile: trioserve.AsyncPacketReader
-    wfile: trioserve.AsyncPacketWriter
+    pass
 
 
 def announce(kind: str, address: Any) -> None:

@@ -35,6 +35,8 @@ class AnswerThenListen(trioserve.StreamRequestHandler):
 
     # Buffered: send_eof must flush what is held back first.
     wbufsize = 65536
+    # A stream handler's writer, not the protocol both kinds share.
+    wfile: trioserve.AsyncBufferedWriter
 
     async def handle(self) -> None:
         await self.wfile.write(b"answer\n")
@@ -80,6 +82,8 @@ async def test_send_eof_flushes_and_the_handler_reads_on(
 
 class HalfCloseOverTLS(trioserve.StreamRequestHandler):
     """Tries to half-close; reports what it got, then answers on."""
+
+    wfile: trioserve.AsyncBufferedWriter
 
     async def handle(self) -> None:
         await self.wfile.write(b"before\n")

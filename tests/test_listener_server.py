@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -11,27 +10,7 @@ import trio.testing
 from support.servers import Echo, read_to_eof, roundtrip, serving, tls_contexts
 
 import trioserve
-
-
-class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
-    """A listener whose connections are in-memory stream pairs."""
-
-    def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](math.inf)
-
-    async def connect(self) -> trio.abc.Stream:
-        """A new connection: the client's end; the server accepts the other."""
-        client, server = trio.testing.memory_stream_pair()
-        await self._send.send(server)
-        return client
-
-    async def accept(self) -> trio.abc.Stream:
-        return await self._receive.receive()
-
-    async def aclose(self) -> None:
-        # A task waiting in accept() gets ClosedResourceError, as from a
-        # closed socket listener.
-        await self._receive.aclose()
+from trioserve.testing import MemoryListener
 
 
 async def test_serves_listeners_from_open_tcp_listeners() -> None:

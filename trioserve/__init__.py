@@ -14,6 +14,8 @@ from ._streams import (
     AsyncBufferedWriter,
     AsyncPacketReader,
     AsyncPacketWriter,
+    AsyncReader,
+    AsyncWriter,
     LineTooLong,
 )
 from ._workers import WorkerControl, serve_in_workers
@@ -25,6 +27,8 @@ __all__ = [
     "AsyncBufferedWriter",
     "AsyncPacketReader",
     "AsyncPacketWriter",
+    "AsyncReader",
+    "AsyncWriter",
     "BaseRequestHandler",
     "BaseServer",
     "DatagramRequestHandler",

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
-from ._streams import (
-    AsyncBufferedReader,
-    AsyncBufferedWriter,
-    AsyncPacketReader,
-    AsyncPacketWriter,
-)
+from ._streams import AsyncReader, AsyncWriter
 
 
 class EchoHandler(BaseRequestHandler):
@@ -18,8 +13,8 @@ class EchoHandler(BaseRequestHandler):
     because both give ``rfile`` and ``wfile`` the same async interface.
     """
 
-    rfile: AsyncBufferedReader | AsyncPacketReader
-    wfile: AsyncBufferedWriter | AsyncPacketWriter
+    rfile: AsyncReader
+    wfile: AsyncWriter
 
     async def handle(self) -> None:
         while chunk := await self.rfile.read1():
@@ -32,9 +27,6 @@ class EchoHandler(BaseRequestHandler):
 class EchoStreamHandler(EchoHandler, StreamRequestHandler):
     """Echo over TCP or a Unix stream socket."""
 
-    rfile: AsyncBufferedReader
-    wfile: AsyncBufferedWriter
-
 
 class EchoDatagramHandler(EchoHandler, DatagramRequestHandler):
     """Echo over UDP or a Unix datagram socket.
@@ -44,6 +36,3 @@ class EchoDatagramHandler(EchoHandler, DatagramRequestHandler):
     """
 
     inline = True
-
-    rfile: AsyncPacketReader
-    wfile: AsyncPacketWriter

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 
@@ -16,10 +16,11 @@ from ._socketio import send_datagram
 from ._streams import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_RECEIVE_SIZE,
-    AsyncBufferedReader,
     AsyncBufferedWriter,
     AsyncPacketReader,
     AsyncPacketWriter,
+    AsyncReader,
+    AsyncWriter,
 )
 
 if TYPE_CHECKING:
@@ -161,6 +162,11 @@ class StreamRequestHandler(BaseRequestHandler):
       ``await wfile.send_eof()`` to half-close (not under TLS). It is
       flushed by :meth:`finish`.
 
+    (Both are declared by what they share with a datagram handler's, as an
+    :class:`~trioserve.AsyncReader` and an :class:`~trioserve.AsyncWriter`;
+    a handler that uses more, such as ``wfile.timeout``, declares
+    ``wfile: trioserve.AsyncBufferedWriter``.)
+
     When a graceful shutdown starts, a read that is waiting for the first
     byte of a new message waits at most the server's ``drain_window`` for
     one already on its way, then returns end-of-stream (``readline()``
@@ -184,8 +190,11 @@ class StreamRequestHandler(BaseRequestHandler):
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH
 
     connection: trio.abc.Stream
-    rfile: AsyncBufferedReader
-    wfile: AsyncBufferedWriter
+    # Typed by what streams and datagrams share, so that a mixin that
+    # declares them so combines with either handler class; a subclass that
+    # needs more declares AsyncBufferedReader/AsyncBufferedWriter itself.
+    rfile: AsyncReader
+    wfile: AsyncWriter
 
     @property
     def peer_credentials(self) -> PeerCredentials | None:
@@ -229,7 +238,22 @@ class DatagramRequestHandler(BaseRequestHandler):
     protocol proxy relayed the datagram) as one datagram; nothing is sent if
     nothing was written. ``rfile`` and ``wfile`` have the same async
     interface as :class:`StreamRequestHandler`'s, so one ``handle()`` body,
-    written as a mixin, serves streams and datagrams alike.
+    written as a mixin, serves streams and datagrams alike. Both handler
+    classes declare ``rfile`` as an :class:`~trioserve.AsyncReader` and
+    ``wfile`` as an :class:`~trioserve.AsyncWriter`, the protocols that
+    interface makes, so a mixin that declares them the same way type-checks
+    (``mypy --strict``) with either class::
+
+        class Shout(trioserve.BaseRequestHandler):
+            rfile: trioserve.AsyncReader
+            wfile: trioserve.AsyncWriter
+
+            async def handle(self) -> None:
+                async for line in self.rfile:
+                    await self.wfile.write(line.upper())
+
+        class StreamShout(Shout, trioserve.StreamRequestHandler): ...
+        class DatagramShout(Shout, trioserve.DatagramRequestHandler): ...
     """
 
     #: The longest line ``rfile`` accepts, as for streams.
@@ -245,8 +269,9 @@ class DatagramRequestHandler(BaseRequestHandler):
     #: relays it to the client: that is ``reply_address``. A handler that
     #: sends replies of its own should send them here too.
     reply_address: Any
-    rfile: AsyncPacketReader
-    wfile: AsyncPacketWriter
+    # As on StreamRequestHandler: what streams and datagrams share.
+    rfile: AsyncReader
+    wfile: AsyncWriter
 
     async def setup(self) -> None:
         """Set ``packet``, ``socket``, ``reply_address``, ``rfile``, ``wfile``.
@@ -270,7 +295,7 @@ class DatagramRequestHandler(BaseRequestHandler):
 
         Call it from an override.
         """
-        reply = self.wfile.getvalue()
+        reply = cast(AsyncPacketWriter, self.wfile).getvalue()
         # A Unix datagram client that did not bind a path has no address.
         if reply and self.reply_address:
             await send_datagram(self.socket, reply, self.reply_address)

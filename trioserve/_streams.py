@@ -14,7 +14,7 @@ import contextlib
 import io
 import math
 import ssl
-from collections.abc import Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -86,6 +86,51 @@ class _LineIterator:
         if not line:
             raise StopAsyncIteration
         return line
+
+
+class AsyncReader(Protocol):
+    """What every handler's ``rfile`` can do, for streams and datagrams alike.
+
+    :class:`AsyncBufferedReader` (a stream handler's ``rfile``) and
+    :class:`AsyncPacketReader` (a datagram handler's) both have it. Annotate
+    ``rfile`` with it in a mixin whose ``handle()`` serves both, and the
+    mixin type-checks with either handler class (see
+    :class:`~trioserve.DatagramRequestHandler`). A handler that needs more
+    of one class (a stream's ``timeout``, say) declares that class instead:
+    ``rfile: trioserve.AsyncBufferedReader``.
+    """
+
+    async def readline(self) -> bytes:
+        """The next line with its ``\\n``; ``b""`` at the end."""
+        ...
+
+    async def read(self, n: int = -1) -> bytes:
+        """``n`` bytes, fewer only at the end; ``n < 0``: everything left."""
+        ...
+
+    async def read1(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (``n < 0``: any number) with at most one receive."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """``async for line in rfile``: each line until the end."""
+        ...
+
+
+class AsyncWriter(Protocol):
+    """What every handler's ``wfile`` can do, for streams and datagrams alike.
+
+    :class:`AsyncBufferedWriter` and :class:`AsyncPacketWriter` both have
+    it; see :class:`AsyncReader`.
+    """
+
+    async def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Send ``data`` (or buffer it); return its length in bytes."""
+        ...
+
+    async def flush(self) -> None:
+        """Send whatever is buffered."""
+        ...
 
 
 class _Receiver(Protocol):

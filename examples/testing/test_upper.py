@@ -1,7 +1,8 @@
 """Tests for ``upper.py``, run with pytest and pytest-trio.
 
 Most tests talk to a real server on a free loopback port, started in the
-test's nursery; the last one shows how to test a handler with no network.
+test's nursery; the last ones serve the handler in memory, with
+``trioserve.testing``: no sockets, and a clock that tests can jump.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import trio.testing
 from upper import Upper
 
 import trioserve
+import trioserve.testing
 
 # Every test here is a Trio test. (Or set trio_mode = true in pytest's config.)
 pytestmark = pytest.mark.trio
@@ -76,13 +78,29 @@ async def test_an_overlong_line_ends_the_request_and_is_logged(
     assert "line too long" in record.getMessage()
 
 
-async def test_without_a_network() -> None:
-    # finish_request() runs a handler's whole lifecycle on any Trio stream;
-    # here, one end of an in-memory pair. The server is never bound.
-    server = trioserve.TCPServer(("127.0.0.1", 0), Upper)
-    client, request = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.finish_request, request, ("test", 0))
+# -- In memory: no sockets, and no real time ---------------------------------
+
+
+@pytest.fixture
+async def memory_server() -> AsyncIterator[trioserve.testing.MemoryStreamServer]:
+    """The same handler, served in memory for as long as the test runs."""
+    async with trioserve.testing.serve_streams(Upper, idle_timeout=60) as server:
+        yield server
+
+
+async def test_in_memory(memory_server: trioserve.testing.MemoryStreamServer) -> None:
+    async with await memory_server.connect() as client:
         await client.send_all(b"no sockets\n")
-        await client.send_eof()
         assert await client.receive_some() == b"NO SOCKETS\n"
+
+
+async def test_a_silent_client_is_let_go_after_a_minute(
+    memory_server: trioserve.testing.MemoryStreamServer,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # autojump_clock: the minute passes in no real time.
+    async with await memory_server.connect() as client:
+        start = trio.current_time()
+        assert await client.receive_some() == b""  # the server hung up
+        assert trio.current_time() - start == 60
+    assert memory_server.stats.completed == 1
