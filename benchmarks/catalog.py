@@ -50,9 +50,20 @@ def _peer(script: str, kind: str) -> tuple[str, ...]:
 
 
 SERVERS = [
+    # The headline: handlers written the obvious way, as users write them.
+    Server(
+        "trioserve-lines",
+        "obvious handler: python -m trioserve serve, `async for line in "
+        "self.rfile: await self.wfile.write(line)` in a StreamRequestHandler "
+        "and a DatagramRequestHandler",
+        "subject",
+        (PY, "-m", "trioserve", "serve", "trioserve_lines:LineEcho", *_TCP),
+        (PY, "-m", "trioserve", "serve", "trioserve_lines:DatagramLineEcho", *_UDP),
+    ),
     Server(
         "trioserve",
-        "python -m trioserve echo (EchoStreamHandler / EchoDatagramHandler)",
+        "built-in echo: python -m trioserve echo (EchoStreamHandler / "
+        "EchoDatagramHandler)",
         "subject",
         (PY, "-m", "trioserve", "echo", "--tcp", "{address}"),
         (PY, "-m", "trioserve", "echo", "--udp", "{address}"),
@@ -68,11 +79,27 @@ SERVERS = [
         scales="trioserve",
     ),
     Server(
-        "trioserve-lines",
-        "python -m trioserve serve: `async for line in self.rfile` handlers",
-        "subject",
-        (PY, "-m", "trioserve", "serve", "trioserve_lines:LineEcho", *_TCP),
-        (PY, "-m", "trioserve", "serve", "trioserve_lines:DatagramLineEcho", *_UDP),
+        "asyncio",
+        "asyncio streams (start_server, readline, drain) / asyncio DatagramProtocol",
+        "peer",
+        _peer("asyncio_peer.py", "tcp"),
+        _peer("asyncio_peer.py", "udp"),
+    ),
+    Server(
+        "asyncio-protocol",
+        "asyncio Protocol line echo (data_received, transport.write, "
+        "pause/resume_writing) / asyncio DatagramProtocol",
+        "peer",
+        _peer("asyncio_protocol_peer.py", "tcp"),
+        _peer("asyncio_protocol_peer.py", "udp"),
+    ),
+    Server(
+        "uvloop",
+        "asyncio-protocol's Protocol line echo / DatagramProtocol on uvloop",
+        "peer",
+        _peer("uvloop_peer.py", "tcp"),
+        _peer("uvloop_peer.py", "udp"),
+        requires="uvloop",
     ),
     Server(
         "stdlib",
@@ -87,13 +114,6 @@ SERVERS = [
         "peer",
         _peer("trio_peer.py", "tcp"),
         _peer("trio_peer.py", "udp"),
-    ),
-    Server(
-        "asyncio",
-        "asyncio streams (start_server, readline, drain) / DatagramProtocol",
-        "peer",
-        _peer("asyncio_peer.py", "tcp"),
-        _peer("asyncio_peer.py", "udp"),
     ),
     Server(
         "anyio",
@@ -173,7 +193,7 @@ IDLE_P99_GROWTH_OK = 1.25
 
 @attrs.frozen
 class Target:
-    """A goal from the benchmark issue, checked for every subject.
+    """A goal from a benchmark issue, checked for ``subject`` or every subject.
 
     ``kind`` "ratio": the subject's figure over ``peer``'s in ``config``
     (for memory: the peer's bytes over the subject's, so more is better
@@ -188,17 +208,26 @@ class Target:
     kind: str
     bound: float
     peer: str | None = None
+    #: The subject the target is for (a ``--baseline`` copy of it too);
+    #: None: every subject.
+    subject: str | None = None
 
+    def applies_to(self, subject: str) -> bool:
+        """Whether the target is checked for subject (``NAME`` or ``NAME@base``)."""
+        return self.subject is None or subject.split("@")[0] == self.subject
+
+
+# The subjects of issue #19's targets: the handlers users write, and the
+# built-in echo.
+OBVIOUS = "trioserve-lines"
+BUILT_IN = "trioserve"
 
 TARGETS = [
+    # Kept from the first benchmark issue, for every subject.
     *(
-        Target(f"{c.name}: >= 1.0x hand-written Trio", c.name, "ratio", 1.0, "trio")
+        Target(f"{c.name}: >= 1.0x {name}", c.name, "ratio", 1.0, peer)
         for c in CONFIGS
-    ),
-    Target("tcp-1000: >= 1.0x ThreadingTCPServer", "tcp-1000", "ratio", 1.0, "stdlib"),
-    Target("udp-50: >= 1.0x stdlib UDPServer", "udp-50", "ratio", 1.0, "stdlib"),
-    Target(
-        "tcp-100 (stretch): >= 1.0x asyncio streams", "tcp-100", "ratio", 1.0, "asyncio"
+        for peer, name in (("trio", "hand-written Trio"), ("stdlib", "the stdlib"))
     ),
     Target(
         "idle-5000: <= 6 KiB per idle connection", "idle-5000", "max-bytes", 6 * 1024
@@ -208,6 +237,79 @@ TARGETS = [
         "idle-10k+100",
         "max-p99-growth",
         IDLE_P99_GROWTH_OK,
+    ),
+    # Issue #19: the obvious handlers against asyncio streams and the stdlib.
+    *(
+        Target(
+            f"obvious handler, {config}: >= 1.0x asyncio streams",
+            config,
+            "ratio",
+            1.0,
+            "asyncio",
+            subject=OBVIOUS,
+        )
+        for config in ("tcp-100", "tcp-1000", "tcp-16k", "connect")
+    ),
+    *(
+        Target(
+            f"obvious handler, {config}: >= 1.0x stdlib UDPServer",
+            config,
+            "ratio",
+            1.0,
+            "stdlib",
+            subject=OBVIOUS,
+        )
+        for config in ("udp-1", "udp-50")
+    ),
+    Target(
+        "obvious handler, idle-5000: <= 4.5 KiB per idle connection",
+        "idle-5000",
+        "max-bytes",
+        4.5 * 1024,
+        subject=OBVIOUS,
+    ),
+    Target(
+        "obvious handler, idle-5000 (stretch): <= 4 KiB per idle connection",
+        "idle-5000",
+        "max-bytes",
+        4 * 1024,
+        subject=OBVIOUS,
+    ),
+    # Issue #19: the built-in echo's connection path and the moonshot.
+    Target(
+        "built-in echo, connect: >= 1.0x asyncio streams",
+        "connect",
+        "ratio",
+        1.0,
+        "asyncio",
+        subject=BUILT_IN,
+    ),
+    Target(
+        "built-in echo, connect (stretch): >= 1.0x asyncio Protocol",
+        "connect",
+        "ratio",
+        1.0,
+        "asyncio-protocol",
+        subject=BUILT_IN,
+    ),
+    *(
+        Target(
+            f"built-in echo, {config} (moonshot): >= 0.75x asyncio Protocol",
+            config,
+            "ratio",
+            0.75,
+            "asyncio-protocol",
+            subject=BUILT_IN,
+        )
+        for config in ("tcp-100", "tcp-1000")
+    ),
+    Target(
+        "built-in echo, tcp-100 (stretch): >= 1.0x asyncio streams",
+        "tcp-100",
+        "ratio",
+        1.0,
+        "asyncio",
+        subject=BUILT_IN,
     ),
 ]
 

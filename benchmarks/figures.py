@@ -193,10 +193,11 @@ def idle_load(summary: Summary, configs: list[Config]) -> IdleLoads:
 def check_targets(
     summary: Summary, ratio_table: Ratios, idle_table: IdleLoads
 ) -> list[TargetCheck]:
-    """Every target, for every subject measured in what it needs."""
+    """Every target, for each subject it is for that was measured in what
+    it needs."""
     checks = []
     for target in TARGETS:
-        for subject in ratio_table:
+        for subject in filter(target.applies_to, ratio_table):
             check = check_target(target, subject, summary, ratio_table, idle_table)
             if check is not None:
                 checks.append(check)

@@ -2,14 +2,16 @@
 
 A smoke test: it asserts nothing about speed, only that the harness builds
 its C load generator, starts and stops the servers (one trioserve process,
-and a supervisor with two workers, over TCP and UDP), measures a load with
-idle connections held beside it, and writes its report. A few seconds.
+and a supervisor with two workers, over TCP and UDP, and the asyncio
+Protocol peer, on uvloop too where uvloop is installed), measures a load
+with idle connections held beside it, and writes its report. A few seconds.
 Besides it, what the harness derives from trials (targets) and reads back
 (the committed results), without running a server.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +37,11 @@ linux_only = pytest.mark.skipif(
     sys.platform != "linux", reason="the harness needs Linux"
 )
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+# The peers the quick run measures beside trioserve: the new ones.
+PEERS = ["asyncio-protocol"]
+if importlib.util.find_spec("uvloop") is not None:
+    PEERS.append("uvloop")
 
 LATENCY_KEPT = "idle-10k+100: p99 <= 1.25x tcp-100's (latency kept)"
 
@@ -79,6 +86,30 @@ def test_latency_is_not_kept_where_the_idle_connections_were_dropped() -> None:
     assert check.shown == "1.01x (2000 of 10000 idle held)"
 
 
+def test_a_target_for_one_subject_is_checked_for_it_alone() -> None:
+    configs = [c for c in catalog.CONFIGS if c.name == "connect"]
+    subjects = ["trioserve-lines", "trioserve", "trioserve-lines@base"]
+    servers = [catalog.server_named(n) for n in [*subjects, "asyncio", "trio"]]
+    rps = {"trioserve-lines": 900.0, "trioserve": 1100.0}
+    rps |= {"trioserve-lines@base": 800.0, "asyncio": 1000.0, "trio": 500.0}
+    trials = {"connect": {n: [Trial(rps=r)] for n, r in rps.items()}}
+    summary = figures.summarize(trials, configs)
+    checks = figures.check_targets(
+        summary, figures.ratios(summary, configs, servers), {}
+    )
+    checked = {(c.target, c.subject): (c.shown, c.met) for c in checks}
+    obvious = "obvious handler, connect: >= 1.0x asyncio streams"
+    built_in = "built-in echo, connect: >= 1.0x asyncio streams"
+    assert {k: v for k, v in checked.items() if k[0] in (obvious, built_in)} == {
+        (obvious, "trioserve-lines"): ("0.90x", False),
+        (obvious, "trioserve-lines@base"): ("0.80x", False),
+        (built_in, "trioserve"): ("1.10x", True),
+    }
+    # A target for no subject in particular is checked for every one.
+    keep = "connect: >= 1.0x hand-written Trio"
+    assert {s for t, s in checked if t == keep} == set(subjects)
+
+
 def test_every_committed_result_reports_again(tmp_path: Path) -> None:
     committed = sorted((REPO / "benchmarks" / "results").glob("*.json"))
     assert committed
@@ -102,7 +133,7 @@ def test_quick_run_with_workers_and_idle_connections(tmp_path: Path) -> None:
             sys.executable,
             str(RUN_PY),
             "--only",
-            "trioserve,trioserve-2w,tcp-100,udp-50,idle-10k+100",
+            f"trioserve,trioserve-2w,{','.join(PEERS)},tcp-100,udp-50,idle-10k+100",
             "--repeat=1",
             "--warmup=0",
             "--duration=0.2",
@@ -128,6 +159,9 @@ def test_quick_run_with_workers_and_idle_connections(tmp_path: Path) -> None:
             assert entry["server_exits"] == [0]
             assert entry["server_leftovers"] == 0
         assert summary[config]["trioserve-2w"]["server_processes"] >= 3
+        for peer in PEERS:
+            assert summary[config][peer]["median"] > 0
+            assert summary[config][peer]["errors"] == 0
     assert set(results["scaling"]["trioserve-2w"]["ratios"]) == {
         "tcp-100",
         "udp-50",
