@@ -173,6 +173,30 @@ async def test_a_scrape_counts_real_requests_and_their_durations() -> None:
     assert counts == sorted(counts)
 
 
+async def test_only_a_server_asked_to_times_its_requests() -> None:
+    # Timing costs every request: a server times nothing until something
+    # will read the times, and setting request_durations while it serves
+    # starts timing from the next request.
+    with trio.fail_after(20):
+        async with (
+            trio.open_nursery() as nursery,
+            trioserve.TCPServer(("127.0.0.1", 0), Echo) as tcp,
+        ):
+            await nursery.start(tcp.serve_forever)
+            await ask_tcp(tcp.server_address, b"untimed\n")
+            await until(lambda: tcp.stats.completed == 1)
+            assert tcp.request_durations is None
+            samples = parse(trioserve.render_metrics([tcp]))
+            assert not any(
+                name.startswith("trioserve_request_duration") for name, _ in samples
+            )
+            tcp.request_durations = trioserve.RequestDurations()
+            await ask_tcp(tcp.server_address, b"timed\n")
+            await until(lambda: tcp.stats.completed == 2)
+            assert tcp.request_durations.count == 1
+            nursery.cancel_scope.cancel()
+
+
 def test_a_bound_is_its_bucket_s_inclusive_upper_end() -> None:
     durations = trioserve.RequestDurations()
     for seconds in (0.001, 0.0011, 60.0, 61.0):

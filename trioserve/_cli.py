@@ -21,7 +21,7 @@ import trio
 from . import __version__, _service
 from ._activation import systemd_sockets
 from ._keepalive import parse_tcp_keepalive
-from ._metrics import MetricsServer, render_metrics
+from ._metrics import MetricsServer, render_metrics, time_requests
 from ._names import format_address, listener_kind
 from ._server import BaseServer
 from ._service import (
@@ -465,6 +465,7 @@ async def _run(service: Service, servers: list[BaseServer]) -> bool:
     if service.metrics is not None:
         # Served, shut down and announced like the others; it does not
         # count itself.
+        time_requests(servers)
         metrics = MetricsServer(service.metrics, partial(render_metrics, servers))
         servers = [*servers, metrics]
     _tune_gc()

@@ -27,7 +27,7 @@ from ._handlers import StreamRequestHandler
 from ._names import format_address, listener_kind
 from ._server import BaseServer
 from ._socket_servers import TCPServer, UDPServer
-from ._stats import DURATION_BUCKETS
+from ._stats import DURATION_BUCKETS, RequestDurations
 
 #: Every metric's name starts with this; per-worker ones with ``trioserve_worker_``.
 PREFIX: Final = "trioserve_"
@@ -136,7 +136,8 @@ class ServerSnapshot:
     stream: bool
     #: :class:`ServerStats` as a dict.
     stats: dict[str, int]
-    #: :attr:`RequestDurations.counts` (not cumulative) and its sum.
+    #: :attr:`RequestDurations.counts` (not cumulative) and its sum; empty
+    #: for a server that does not time its requests.
     durations: tuple[int, ...]
     duration_sum: float
 
@@ -148,8 +149,8 @@ class ServerSnapshot:
             name=server_name(server),
             stream=not isinstance(server, UDPServer),
             stats=attrs.asdict(server.stats),
-            durations=tuple(durations.counts),
-            duration_sum=durations.sum,
+            durations=() if durations is None else tuple(durations.counts),
+            duration_sum=0.0 if durations is None else durations.sum,
         )
 
     def plus(self, other: ServerSnapshot, *, gauges: bool = True) -> ServerSnapshot:
@@ -214,10 +215,13 @@ def _render(
         out.append(f"# TYPE {name} {metric.type}")
         for labels, snapshot in chosen:
             out.append(f"{name}{{{_labels(labels)}}} {snapshot.stats[metric.field]}")
+    timed = [(labels, snapshot) for labels, snapshot in series if snapshot.durations]
+    if not timed:
+        return
     name = prefix + _DURATION
     out.append(f"# HELP {name} {_DURATION_HELP}")
     out.append(f"# TYPE {name} histogram")
-    for labels, snapshot in series:
+    for labels, snapshot in timed:
         cumulative = 0
         for bound, count in zip(
             (*DURATION_BUCKETS, math.inf), snapshot.durations, strict=True
@@ -231,6 +235,17 @@ def _render(
 
 def _text(out: list[str]) -> str:
     return "\n".join(out) + "\n" if out else ""
+
+
+def time_requests(servers: Iterable[BaseServer]) -> None:
+    """Have ``servers`` time their requests, for the duration histogram.
+
+    Timing costs every request a little, so a server does it only once
+    something will read the times (see :attr:`BaseServer.request_durations`).
+    """
+    for server in servers:
+        if server.request_durations is None:
+            server.request_durations = RequestDurations()
 
 
 def render_metrics(servers: Iterable[BaseServer]) -> str:
@@ -249,7 +264,9 @@ def render_metrics(servers: Iterable[BaseServer]) -> str:
     - gauges ``trioserve_requests_active`` and ``trioserve_requests_idle``,
       and for stream servers ``trioserve_connections_open``;
     - a histogram ``trioserve_request_duration_seconds`` of
-      :class:`RequestDurations`.
+      :class:`RequestDurations`, for the servers that time their requests:
+      those whose :attr:`~BaseServer.request_durations` is set
+      (:func:`serve_metrics` sets it).
     """
     out: list[str] = []
     _render(out, PREFIX, [({"server": s.name}, s) for s in snapshots(servers)])
@@ -436,7 +453,9 @@ async def serve_metrics(
     :func:`render_metrics` of ``servers``, fresh for each scrape, as
     ``Content-Type: text/plain; version=0.0.4``; connections stay open
     between scrapes, and other paths get 404. ``task_status.started()``
-    gets the address it listens on, with port 0 resolved.
+    gets the address it listens on, with port 0 resolved. The servers
+    time their requests from then on (see
+    :attr:`BaseServer.request_durations`).
 
     With :func:`serve_in_workers`, pass its ``metrics`` argument instead:
     the supervisor then serves the sum over workers and each worker's own
@@ -445,6 +464,7 @@ async def serve_metrics(
     Raises:
       OSError: binding ``(host, port)`` failed.
     """
+    time_requests(servers)
     server = MetricsServer((host, port), lambda: render_metrics(servers))
     async with server:
         await server.serve_forever(task_status=task_status)

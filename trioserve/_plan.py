@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Final, TypeVar
 import attrs
 import trio
 
-from ._stats import ServerStats
+from ._stats import RequestDurations, ServerStats
 from ._streams import LineTooLong
 
 if sys.version_info < (3, 11):
@@ -99,6 +99,7 @@ class RequestPlan:
             "close_request",
             "RequestHandlerClass",
             "request_timeout",
+            "request_durations",
         }
     )
 
@@ -122,6 +123,8 @@ class RequestPlan:
     #: ``shutdown_request``, or ``close_request`` while that is all the
     #: former does, awaited shielded; None when it would do nothing.
     close: Callable[[Any], Coroutine[Any, Any, None]] | None
+    #: Where each request's duration is counted; None: requests are not timed.
+    durations: RequestDurations | None
 
 
 async def within_deadline(

@@ -289,8 +289,11 @@ class BaseServer:
                 raise ValueError(f"{name} must not be negative")
         #: The server's :class:`ServerStats`.
         self.stats = ServerStats()
-        #: How long the server's requests took: :class:`RequestDurations`.
-        self.request_durations = RequestDurations()
+        #: How long the server's requests took, as a :class:`RequestDurations`
+        #: histogram; None (the default) times nothing, which is free. The
+        #: metrics (:func:`serve_metrics`, ``--metrics``) set one; set one
+        #: yourself to time requests, before or while serving.
+        self.request_durations: RequestDurations | None = None
         # What accept errors make it do (see AcceptErrors).
         self._accept_errors = AcceptErrors(self.stats)
         self._serving: _Serving | None = None
@@ -679,8 +682,9 @@ class BaseServer:
         plan = serving.plan
         stats = self.stats
         stats.active += 1
+        durations = plan.durations
         # perf_counter: a third of trio.current_time()'s cost, per request.
-        started = perf_counter()
+        started = 0.0 if durations is None else perf_counter()
         # What the peer limit counted, before a PROXY header may change it.
         connected_from = client_address
         slot = serving.slots
@@ -705,9 +709,10 @@ class BaseServer:
             raise
         finally:
             stats.active -= 1
-            # Where every request that ran ends: its duration, the close not
-            # included (a stream's lingers for the peer).
-            self.request_durations.observe(perf_counter() - started)
+            if durations is not None:
+                # Where every request that ran ends: its duration, the close
+                # not included (a stream's lingers for the peer).
+                durations.observe(perf_counter() - started)
             close = plan.close
             if close is not None:
                 # What _close_request does, without a coroutine of its own.
@@ -751,6 +756,7 @@ class BaseServer:
             take_slot=serving.trade_slot if trades_slot else None,
             handle=handle,
             close=None if is_marked(close, SKIPPABLE) else close,
+            durations=self.request_durations,
         )
 
     def _prepares_requests(self) -> bool:

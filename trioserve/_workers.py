@@ -17,7 +17,13 @@ import attrs
 import trio
 
 from ._listeners import Listener, new_socket
-from ._metrics import MetricsServer, WorkerMetrics, send_snapshots, snapshots
+from ._metrics import (
+    MetricsServer,
+    WorkerMetrics,
+    send_snapshots,
+    snapshots,
+    time_requests,
+)
 from ._notify import Notifier, forget_environment
 from ._server import BaseServer, counted
 from ._signals import WATCHED_SIGNALS, follow_stop_signals, serve_until_signalled
@@ -547,6 +553,7 @@ async def _serve_worker(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_when_orphaned)
         if metrics:
+            time_requests(servers)
             nursery.start_soon(send_snapshots, servers, send_metrics)
         graceful = await serve_until_signalled(
             servers, task_status=_ReportReady(report)
