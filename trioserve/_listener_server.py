@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -11,6 +11,7 @@ import trio
 
 from ._handlers import BaseRequestHandler
 from ._lingering import close_without_reset
+from ._listeners import RequestSource
 from ._plan import forwarding
 from ._server import DEFAULT, BaseServer, _Default
 
@@ -106,8 +107,10 @@ class ListenerServer(BaseServer):
         stream = await listener.accept()
         return stream, peer_address(stream)
 
-    def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
-        sources = [partial(self._accept, each) for each in self.listeners]
+    def _request_sources(self) -> list[RequestSource]:
+        sources = [
+            RequestSource(partial(self._accept, each)) for each in self.listeners
+        ]
         return self._sources_of(self.listeners, sources)
 
     @forwarding

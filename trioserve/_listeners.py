@@ -84,6 +84,23 @@ Origin = Literal["made", "adopted"]
 Accepted = tuple[Any, Any]
 
 
+@attrs.frozen
+class RequestSource:
+    """Where an accept task takes its requests from.
+
+    ``wait`` waits for the next request. ``ready``, where a listener has
+    one, takes a request that is already waiting, or returns None, without
+    a coroutine; the accept task tries it first, checkpointing when
+    ``pacer`` says so, and awaits ``wait`` only when ``ready`` found nothing
+    (see benchmarks/README.md, "Measured costs behind the code: ready
+    datagrams taken without a coroutine").
+    """
+
+    wait: Callable[[], Awaitable[Accepted]]
+    ready: Callable[[], Accepted | None] | None = None
+    pacer: Pacer | None = None
+
+
 def family_of(
     address: Any,
     default: stdlib_socket.AddressFamily = stdlib_socket.AF_INET,
@@ -251,8 +268,8 @@ class Listener:
                 if (info.st_dev, info.st_ino) == (device, inode):
                     os.unlink(path)
 
-    def source(self) -> Callable[[], Awaitable[Accepted]]:
-        """What waits for the next request: ``(request, client_address)``."""
+    def source(self) -> RequestSource:
+        """Where the next request, ``(request, client_address)``, comes from."""
         raise NotImplementedError
 
     def take_waiting(self) -> Accepted | None:
@@ -273,10 +290,10 @@ class StreamListener(Listener):
     #: leave the system's defaults.
     tcp_keepalive: TCPKeepalive | None = attrs.field(default=None, kw_only=True)
 
-    def source(self) -> Callable[[], Awaitable[Accepted]]:
+    def source(self) -> RequestSource:
         if self._keepalive() is None:
-            return self.accept
-        return self._accept_keeping_alive
+            return RequestSource(self.accept)
+        return RequestSource(self._accept_keeping_alive)
 
     async def accept(self) -> Accepted:
         """Accept the next connection."""
@@ -335,19 +352,22 @@ class DatagramListener(Listener):
     # Paces the receives that find a datagram ready (see _socketio.Pacer).
     pacer: Pacer = attrs.Factory(Pacer)
 
-    def source(self) -> Callable[[], Awaitable[Accepted]]:
+    def source(self) -> RequestSource:
         try_receive = self._try_receive()
         if try_receive is None:
-            return self.receive
-        # The fast path: the one receive-and-wait loop itself, with no
-        # coroutine of ours around it (see benchmarks/README.md, "Measured
-        # costs behind the code: inlined datagram read"). It never gives
-        # up, so it never returns None.
+            return RequestSource(self.receive)
+        # The fast path: datagrams already waiting are taken by a plain call,
+        # and the one receive-and-wait loop, with no coroutine of ours
+        # around it, waits for the next once the socket is empty (pacer
+        # None: the caller has just found it so). It never gives up, so it
+        # never returns None.
         inner = cast(stdlib_socket.socket, stdlib_socket_of(self.socket))
-        receive = partial(
-            receive_when_ready, try_receive, None, 0, inner, self.pacer, None
+        receive = partial(receive_when_ready, try_receive, None, 0, inner, None, None)
+        return RequestSource(
+            cast(Callable[[], Awaitable[Accepted]], receive),
+            ready=try_receive,
+            pacer=self.pacer,
         )
-        return cast(Callable[[], Awaitable[Accepted]], receive)
 
     async def receive(self) -> Accepted:
         """Receive the next datagram, through Trio's socket."""
@@ -365,10 +385,10 @@ class DatagramListener(Listener):
         if try_receive is None:
             return None
         with contextlib.suppress(OSError):
-            return try_receive(None, 0)
+            return try_receive()
         return None
 
-    def _try_receive(self) -> Callable[[object, int], Accepted | None] | None:
+    def _try_receive(self) -> Callable[..., Accepted | None] | None:
         """A function that returns the next datagram ready, or None; it never
         waits. None where the stdlib socket cannot be had.
 
@@ -384,7 +404,7 @@ class DatagramListener(Listener):
         receive_size = size + 1  # see receive
         oversized = self.oversized
 
-        def try_receive(_source: object, _size: int) -> Accepted | None:
+        def try_receive(_source: object = None, _size: int = 0) -> Accepted | None:
             while True:
                 try:
                     data, sender = inner.recvfrom(receive_size)

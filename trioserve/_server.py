@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from ._handlers import HANDLER_HOOKS, BaseRequestHandler, check_async_hooks, run_handler
-from ._listeners import ACCEPT_RETRY_DELAY, AcceptErrors
+from ._listeners import ACCEPT_RETRY_DELAY, AcceptErrors, RequestSource
 from ._plan import (
     FORWARDING,
     SKIPPABLE,
@@ -475,7 +475,7 @@ class BaseServer:
                 async with trio.open_nursery() as race:
                     for source in self._request_sources():
                         race.start_soon(
-                            self._take_first, source, taken, race.cancel_scope
+                            self._take_first, source.wait, taken, race.cancel_scope
                         )
             if not taken:
                 if timer.cancelled_caught:
@@ -543,18 +543,16 @@ class BaseServer:
             await trio.sleep(poll_interval)
             await self.service_actions()
 
-    def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
-        """What each listener's accept task awaits for the next request.
+    def _request_sources(self) -> list[RequestSource]:
+        """Where each listener's accept task takes its requests from.
 
         Here, with no listeners of its own, :meth:`get_request`.
         """
-        return [self.get_request]
+        return [RequestSource(self.get_request)]
 
     def _sources_of(
-        self,
-        listeners: Sequence[Any],
-        sources: Sequence[Callable[[], Awaitable[tuple[Any, Any]]]],
-    ) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+        self, listeners: Sequence[Any], sources: Sequence[RequestSource]
+    ) -> list[RequestSource]:
         """The accept tasks' ``sources``, one per listener, unless
         :meth:`get_request` is overridden: then it is awaited for every
         request, given the listener to take it from where there are several
@@ -562,15 +560,11 @@ class BaseServer:
         if is_marked(self.get_request, FORWARDING):
             return list(sources)
         if len(listeners) == 1:
-            return [self.get_request]
+            return [RequestSource(self.get_request)]
         taking = cast(Callable[[Any], Awaitable[tuple[Any, Any]]], self.get_request)
-        return [partial(taking, listener) for listener in listeners]
+        return [RequestSource(partial(taking, listener)) for listener in listeners]
 
-    async def _accept_requests(
-        self,
-        serving: _Serving,
-        source: Callable[[], Awaitable[tuple[Any, Any]]],
-    ) -> None:
+    async def _accept_requests(self, serving: _Serving, source: RequestSource) -> None:
         """One listener's accept task: each request it takes is handled.
 
         As in Trio's ``serve_listeners``: one such task per listener, all
@@ -581,12 +575,21 @@ class BaseServer:
         """
         slots = serving.slots
         errors = self._accept_errors
+        wait, ready, pacer = source.wait, source.ready, source.pacer
         while True:
             # Awaited here, not through a helper: a coroutine fewer per
             # request (see benchmarks/README.md, "Measured costs behind the
             # code: inlined datagram read").
             try:
-                accepted = await source()
+                accepted = None
+                if ready is not None:
+                    # Paced before a request is taken, so that the shutdown's
+                    # cancellation never strikes one already taken.
+                    if pacer is not None and pacer.due():
+                        await trio.lowlevel.checkpoint()
+                    accepted = ready()
+                if accepted is None:
+                    accepted = await wait()
             except (OSError, trio.ClosedResourceError) as exc:
                 if await errors.retry_after(exc):
                     continue

@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import socket as stdlib_socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar, cast
 
 import trio
@@ -19,6 +19,7 @@ from ._listeners import (
     DatagramListener,
     Listener,
     Origin,
+    RequestSource,
     StreamListener,
     close_unused,
     every_interface,
@@ -511,7 +512,7 @@ class TCPServer(BaseServer):
                 taken.append(waiting)
         return taken
 
-    def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+    def _request_sources(self) -> list[RequestSource]:
         # As it is when serving starts, like the server's other options.
         keepalive = check_tcp_keepalive(self.tcp_keepalive)
         for listener in self._listeners:
@@ -535,7 +536,7 @@ class TCPServer(BaseServer):
         sock = self.socket if listener is None else listener
         for each in self._listeners:
             if each.socket is sock:
-                return await each.source()()
+                return await each.source().wait()
         raise ValueError(f"{sock!r} is not one of {self!r}'s listeners")
 
     def _prepares_requests(self) -> bool:
@@ -718,7 +719,7 @@ class UDPServer(TCPServer):
         """Nothing to do: datagram sockets do not listen."""
         await trio.lowlevel.checkpoint()
 
-    def _request_sources(self) -> list[Callable[[], Awaitable[tuple[Any, Any]]]]:
+    def _request_sources(self) -> list[RequestSource]:
         for listener in self._listeners:
             # As it is when serving starts, like the server's other options.
             assert isinstance(listener, DatagramListener)
