@@ -67,14 +67,7 @@ async def serve_until_signalled(
             async with trio.open_nursery() as nursery:
 
                 async def shut_down_all() -> None:
-                    async with trio.open_nursery() as shutdowns:
-                        for server in servers:
-                            shutdowns.start_soon(server.shutdown)
-                        # Stop listening at once: a load balancer's health
-                        # check then fails and new clients are refused, not
-                        # left in the backlog to be reset after the grace.
-                        for server in servers:
-                            await server.server_close()
+                    await _shut_down(servers)
                     # Every serve_forever has returned; stop watching signals.
                     nursery.cancel_scope.cancel()
 
@@ -86,23 +79,7 @@ async def serve_until_signalled(
 
                 async def stop(name: str) -> None:
                     notifier.stopping()
-                    # A handler that has just replied is about to wait for its
-                    # next message: it looks again a few times first (see
-                    # _socketio.receive_when_ready), and only then counts as
-                    # idle. Let it get there, so the count is of connections,
-                    # not of a moment.
-                    for _ in range(LOOKS_BEFORE_WAITING + 1):
-                        await trio.lowlevel.checkpoint()
-                    active = sum(server.stats.active for server in servers)
-                    idle = sum(server.stats.idle for server in servers)
-                    LOGGER.warning(
-                        "%s: shutting down; %s in flight and %s, with up to "
-                        "%s s to finish",
-                        name,
-                        counted(active - idle, "request"),
-                        counted(idle, "idle connection"),
-                        max(server.shutdown_timeout for server in servers),
-                    )
+                    await _report_stopping(name, servers)
                     nursery.start_soon(shut_down_all)
 
                 def force(name: str) -> None:
@@ -111,20 +88,53 @@ async def serve_until_signalled(
                     forced = True
                     nursery.cancel_scope.cancel()
 
-                async def run_reload() -> None:
-                    assert reload is not None
-                    with notifier.reloading():
-                        await reload()
-
                 def start_reload(name: str) -> None:
+                    assert reload is not None
                     LOGGER.warning("%s: reloading", name)
-                    nursery.start_soon(run_reload)
+                    nursery.start_soon(_reload, reload, notifier)
 
                 await follow_stop_signals(
                     signals, stop, force, None if reload is None else start_reload
                 )
     notifier.stopped()
     return not forced
+
+
+async def _shut_down(servers: Sequence[BaseServer]) -> None:
+    """Shut every server down gracefully, at once, and close them."""
+    async with trio.open_nursery() as shutdowns:
+        for server in servers:
+            shutdowns.start_soon(server.shutdown)
+        # Stop listening at once: a load balancer's health check then fails
+        # and new clients are refused, not left in the backlog to be reset
+        # after the grace.
+        for server in servers:
+            await server.server_close()
+
+
+async def _report_stopping(name: str, servers: Sequence[BaseServer]) -> None:
+    """Log the stop: how many requests are in flight, and how long they get."""
+    # A handler that has just replied is about to wait for its next
+    # message: it looks again a few times first (see
+    # _socketio.receive_when_ready), and only then counts as idle. Let it
+    # get there, so the count is of connections, not of a moment.
+    for _ in range(LOOKS_BEFORE_WAITING + 1):
+        await trio.lowlevel.checkpoint()
+    active = sum(server.stats.active for server in servers)
+    idle = sum(server.stats.idle for server in servers)
+    LOGGER.warning(
+        "%s: shutting down; %s in flight and %s, with up to %s s to finish",
+        name,
+        counted(active - idle, "request"),
+        counted(idle, "idle connection"),
+        max(server.shutdown_timeout for server in servers),
+    )
+
+
+async def _reload(reload: Callable[[], Awaitable[object]], notifier: Notifier) -> None:
+    """Run ``reload``, telling systemd it reloads (``Type=notify-reload``)."""
+    with notifier.reloading():
+        await reload()
 
 
 async def follow_stop_signals(

@@ -9,6 +9,7 @@ import os
 import signal
 import socket as stdlib_socket
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final, Literal
@@ -462,10 +463,6 @@ class WorkerControl:
     ``await control.reload()`` does what SIGHUP does.
     """
 
-    _serving: tuple[_Supervisor, trio.Nursery] | None = attrs.field(
-        default=None, init=False
-    )
-
     async def reload(self) -> bool:
         """Replace every worker with a fresh one, without dropping a client.
 
@@ -483,10 +480,17 @@ class WorkerControl:
         Raises:
           RuntimeError: ``serve_in_workers`` is not serving with this control.
         """
-        if self._serving is None:
+        serving = _CONTROLLED.get(self)
+        if serving is None:
             raise RuntimeError("serve_in_workers is not serving with this control")
-        supervisor, nursery = self._serving
+        supervisor, nursery = serving
         return await supervisor.reload(nursery)
+
+
+# What each WorkerControl controls while its serve_in_workers serves.
+_CONTROLLED: weakref.WeakKeyDictionary[
+    WorkerControl, tuple[_Supervisor, trio.Nursery]
+] = weakref.WeakKeyDictionary()
 
 
 def _exit_reason(worker: _Worker) -> str:
@@ -670,11 +674,7 @@ async def serve_in_workers(
         raise ValueError(f"workers must be at least 1, not {count}")
     if reuse_port is None:
         reuse_port = REUSE_PORT_BALANCES
-    templates: list[TCPServer] = []
-    for server in make_servers():
-        if not isinstance(server, TCPServer):
-            raise TypeError(f"{server!r} has no sockets to share with workers")
-        templates.append(server)
+    templates = _templates(make_servers)
     listeners: list[list[_Listener]] = []
     collector: WorkerMetrics | None = None
     metrics_server: MetricsServer | None = None
@@ -714,6 +714,16 @@ async def serve_in_workers(
     return supervisor.clean and not forced
 
 
+def _templates(make_servers: ServerFactory) -> list[TCPServer]:
+    """The servers ``make_servers`` makes in the supervisor: socket servers."""
+    templates: list[TCPServer] = []
+    for server in make_servers():
+        if not isinstance(server, TCPServer):
+            raise TypeError(f"{server!r} has no sockets to share with workers")
+        templates.append(server)
+    return templates
+
+
 async def _supervise(
     supervisor: _Supervisor,
     signals: Any,
@@ -729,7 +739,7 @@ async def _supervise(
     async with trio.open_nursery() as nursery:
         await supervisor.start(nursery)
         if control is not None:
-            control._serving = (supervisor, nursery)
+            _CONTROLLED[control] = (supervisor, nursery)
         announced = list(templates)
         if metrics_server is not None:
             await nursery.start(metrics_server.serve_forever)
@@ -765,5 +775,5 @@ async def _supervise(
             await follow_stop_signals(signals, stop, force, reload)
         finally:
             if control is not None:
-                control._serving = None
+                del _CONTROLLED[control]
     return forced
