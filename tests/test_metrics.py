@@ -9,7 +9,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -110,18 +111,28 @@ async def until(condition: Callable[[], bool]) -> None:
         await trio.sleep(0.01)
 
 
+@asynccontextmanager
+async def tcp_udp_and_metrics() -> AsyncIterator[
+    tuple[trioserve.TCPServer, trioserve.UDPServer, tuple[str, int]]
+]:
+    """A TCP and a UDP echo server serving, and their metrics endpoint."""
+    async with (
+        trio.open_nursery() as nursery,
+        trioserve.TCPServer(("127.0.0.1", 0), Echo) as tcp,
+        trioserve.UDPServer(("127.0.0.1", 0), EchoDatagram) as udp,
+    ):
+        await nursery.start(tcp.serve_forever)
+        await nursery.start(udp.serve_forever)
+        metrics = await nursery.start(
+            trioserve.serve_metrics, [tcp, udp], "127.0.0.1", 0
+        )
+        yield tcp, udp, metrics
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_scrape_counts_real_requests_and_their_durations() -> None:
     with trio.fail_after(20):
-        async with (
-            trio.open_nursery() as nursery,
-            trioserve.TCPServer(("127.0.0.1", 0), Echo) as tcp,
-            trioserve.UDPServer(("127.0.0.1", 0), EchoDatagram) as udp,
-        ):
-            await nursery.start(tcp.serve_forever)
-            await nursery.start(udp.serve_forever)
-            metrics = await nursery.start(
-                trioserve.serve_metrics, [tcp, udp], "127.0.0.1", 0
-            )
+        async with tcp_udp_and_metrics() as (tcp, udp, metrics):
             for _ in range(3):
                 await ask_tcp(tcp.server_address, b"hello\n")
             for _ in range(2):
@@ -130,7 +141,6 @@ async def test_a_scrape_counts_real_requests_and_their_durations() -> None:
                 await ask_udp(udp.server_address)
             await until(lambda: tcp.stats.completed == 5 and udp.stats.completed == 4)
             head, body = await scrape(metrics)
-            nursery.cancel_scope.cancel()
     assert head.startswith("HTTP/1.1 200 OK\r\n")
     assert "Content-Type: text/plain; version=0.0.4" in head
     samples = parse(body)
@@ -239,20 +249,10 @@ async def test_label_values_are_escaped() -> None:
 @needs_promtool
 async def test_promtool_accepts_a_single_process_s_metrics() -> None:
     with trio.fail_after(20):
-        async with (
-            trio.open_nursery() as nursery,
-            trioserve.TCPServer(("127.0.0.1", 0), Echo) as tcp,
-            trioserve.UDPServer(("127.0.0.1", 0), EchoDatagram) as udp,
-        ):
-            await nursery.start(tcp.serve_forever)
-            await nursery.start(udp.serve_forever)
-            metrics = await nursery.start(
-                trioserve.serve_metrics, [tcp, udp], "127.0.0.1", 0
-            )
+        async with tcp_udp_and_metrics() as (tcp, udp, metrics):
             await ask_tcp(tcp.server_address, b"hello\n")
             await ask_udp(udp.server_address)
             _, body = await scrape(metrics)
-            nursery.cancel_scope.cancel()
     promtool_check(body)
 
 

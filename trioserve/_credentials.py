@@ -13,7 +13,7 @@ import struct
 import sys
 from typing import Any, NamedTuple
 
-import trio
+from ._socketio import socket_under
 
 # struct ucred: pid_t, uid_t and gid_t, 32 bits each on Linux.
 _UCRED = struct.Struct("iII")
@@ -53,7 +53,11 @@ def peer_credentials(connection: Any) -> PeerCredentials | None:
       TypeError: ``connection`` is not a socket or a stream over one.
       OSError: the socket is closed.
     """
-    sock = _socket_of(connection)
+    sock = socket_under(connection)
+    if sock is None:
+        raise TypeError(
+            f"peer_credentials needs a socket or a stream over one, not {connection!r}"
+        )
     if sock.family != stdlib_socket.AF_UNIX or sock.type != stdlib_socket.SOCK_STREAM:
         return None
     if not sys.platform.startswith("linux"):
@@ -64,15 +68,3 @@ def peer_credentials(connection: Any) -> PeerCredentials | None:
         stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size
     )
     return PeerCredentials(*_UCRED.unpack(raw))
-
-
-def _socket_of(connection: Any) -> trio.socket.SocketType | stdlib_socket.socket:
-    if isinstance(connection, trio.SSLStream):
-        connection = connection.transport_stream
-    if isinstance(connection, trio.SocketStream):
-        return connection.socket
-    if isinstance(connection, (trio.socket.SocketType, stdlib_socket.socket)):
-        return connection
-    raise TypeError(
-        f"peer_credentials needs a socket or a stream over one, not {connection!r}"
-    )

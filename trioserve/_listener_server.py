@@ -14,27 +14,14 @@ from ._lingering import close_without_reset
 from ._listeners import RequestSource
 from ._plan import forwarding
 from ._server import DEFAULT, BaseServer, _Default
+from ._socketio import socket_under
 
 StreamListener = trio.abc.Listener[trio.abc.Stream]
 
 
-def _socket_of(resource: object) -> trio.socket.SocketType | None:
-    """The socket under a Trio listener or stream, through any TLS layer."""
-    while True:
-        sock = getattr(resource, "socket", None)
-        if isinstance(sock, trio.socket.SocketType):
-            return sock
-        inner = getattr(resource, "transport_listener", None) or getattr(
-            resource, "transport_stream", None
-        )
-        if inner is None:
-            return None
-        resource = inner
-
-
 def peer_address(stream: trio.abc.Stream) -> Any:
     """The address of a stream's peer; None where the stream has no socket."""
-    sock = _socket_of(stream)
+    sock = socket_under(stream)
     if sock is None:
         return None
     try:
@@ -91,7 +78,7 @@ class ListenerServer(BaseServer):
             raise ValueError("ListenerServer needs at least one listener")
         #: The listeners served, in the order given.
         self.listeners: list[StreamListener] = list(listeners)
-        first = _socket_of(self.listeners[0])
+        first = socket_under(self.listeners[0])
         super().__init__(
             None if first is None else first.getsockname(),
             RequestHandlerClass,

@@ -51,6 +51,25 @@ def stdlib_socket_of(sock: trio.socket.SocketType) -> socket.socket | None:
     return inner if isinstance(inner, socket.socket) else None
 
 
+def socket_under(resource: object) -> trio.socket.SocketType | socket.socket | None:
+    """The socket a Trio stream or listener runs over, through any TLS layer.
+
+    A socket (Trio's or the stdlib's) is its own; None where there is none,
+    as under an in-memory stream.
+    """
+    while not isinstance(resource, (trio.socket.SocketType, socket.socket)):
+        sock = getattr(resource, "socket", None)
+        if isinstance(sock, trio.socket.SocketType):
+            return sock
+        inner = getattr(resource, "transport_stream", None) or getattr(
+            resource, "transport_listener", None
+        )
+        if inner is None:
+            return None
+        resource = inner
+    return resource
+
+
 class Pacer:
     """Counts ready operations; checkpoints after enough of them in a row.
 
