@@ -7,10 +7,10 @@ the client. Every socket is real and on loopback (or a Unix socket under
 
 A handler that replies to every datagram with what it was given lets the
 tests read ``client_address``, ``reply_address`` and ``packet`` off the wire.
-An inline handler (see ``BaseRequestHandler.inline``) handles datagrams in
-order, one at a time, so once the reply to a later datagram has arrived, the
-ones before it have been dealt with; the counters are read after ``serving``
-has shut the server down, when no request is left in flight.
+A handler that never waits is done with each datagram in the task that
+received it, in order, so once the reply to a later datagram has arrived,
+the ones before it have been dealt with; the counters are read after
+``serving`` has shut the server down, when no request is left in flight.
 """
 
 from __future__ import annotations
@@ -53,12 +53,16 @@ class WhoAmI(trioserve.DatagramRequestHandler):
         await self.wfile.write(repr(seen).encode())
 
 
-class InlineWhoAmI(WhoAmI):
-    inline = True
+class WaitingWhoAmI(WhoAmI):
+    """The same, after a wait: it goes on in a task of its own."""
+
+    async def handle(self) -> None:
+        await trio.lowlevel.checkpoint()
+        await super().handle()
 
 
 HANDLERS = pytest.mark.parametrize(
-    "handler", [WhoAmI, InlineWhoAmI], ids=["task", "inline"]
+    "handler", [WhoAmI, WaitingWhoAmI], ids=["in-place", "waits"]
 )
 
 
@@ -68,7 +72,7 @@ def relayed(payload: bytes, source: Any = CLIENT, destination: Any = FRONT) -> b
 
 
 def proxied_udp_server(
-    handler: type[trioserve.BaseRequestHandler] = InlineWhoAmI,
+    handler: type[trioserve.BaseRequestHandler] = WhoAmI,
     *,
     host: str = "127.0.0.1",
     mode: Literal["off", "v1", "v2", "auto"] = "v2",
@@ -205,7 +209,7 @@ async def test_verify_request_sees_the_proxy_and_the_datagram_as_received() -> N
     with trio.fail_after(TEST_TIMEOUT):
         server = Verifying(
             ("127.0.0.1", 0),
-            InlineWhoAmI,
+            WhoAmI,
             proxy_protocol="v2",
             trusted_proxies=["127.0.0.1"],
         )
@@ -247,7 +251,7 @@ async def test_auto_means_v2() -> None:
 
 async def test_without_proxy_protocol_the_reply_address_is_the_client() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        server = trioserve.UDPServer(("127.0.0.1", 0), InlineWhoAmI)
+        server = trioserve.UDPServer(("127.0.0.1", 0), WhoAmI)
         async with serving(server):
             with await bound_socket(("127.0.0.1", 0)) as client:
                 # A header is just bytes to a server that expects none.
@@ -309,7 +313,7 @@ async def test_unix_peers_must_be_trusted_as_unix(
     with trio.fail_after(TEST_TIMEOUT):
         server = trioserve.UnixDatagramServer(
             os.path.join(sock_dir, "server.sock"),
-            InlineWhoAmI,
+            WhoAmI,
             proxy_protocol="v2",
             trusted_proxies=["127.0.0.1"],
         )
@@ -317,7 +321,7 @@ async def test_unix_peers_must_be_trusted_as_unix(
             proxy_path = os.path.join(sock_dir, "proxy.sock")
             with await bound_socket(proxy_path) as proxy:
                 await proxy.sendto(relayed(b"hi"), server.server_address)
-                # The inline handler's accept loop has dealt with it once
+                # The receiving task has dealt with it once
                 # every task waits again (a datagram ready to read counts as
                 # work, not as waiting).
                 await trio.testing.wait_all_tasks_blocked()
@@ -442,13 +446,13 @@ def test_damaged_headers_from_a_trusted_proxy_never_crash_the_server(
 ) -> None:
     async def check() -> trioserve.ServerStats:
         with trio.fail_after(TEST_TIMEOUT):
-            server = proxied_udp_server(InlineWhoAmI)
+            server = proxied_udp_server(WhoAmI)
             async with serving(server):
                 with await bound_socket(("127.0.0.1", 0)) as proxy:
                     for datagram in datagrams:
                         await proxy.sendto(datagram, server.server_address)
                     await proxy.sendto(relayed(LAST), server.server_address)
-                    # The inline handler replies in order: every reply before
+                    # The handler replies in order: every reply before
                     # the last one's is for a datagram that was still valid.
                     replies = 0
                     while (await next_reply(proxy))[2] != LAST:

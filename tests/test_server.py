@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextvars
 import errno
 import functools
 import logging
@@ -832,31 +833,146 @@ async def test_a_peer_that_resets_mid_response_is_logged_at_debug_and_counted(
     assert "connection lost mid-request" in caplog.text
 
 
-async def test_inline_handlers_run_one_at_a_time_in_the_accept_loop() -> None:
+async def test_a_datagram_handler_that_waits_does_not_hold_up_the_next() -> None:
+    # Each datagram starts in the task that received it; the first one waits,
+    # so it keeps that task and a new one goes on receiving.
     release = trio.Event()
     seen: list[bytes] = []
 
-    class Inline(trioserve.DatagramRequestHandler):
-        inline = True
-
+    class Waiting(trioserve.DatagramRequestHandler):
         async def handle(self) -> None:
             seen.append(self.packet)
             if self.packet == b"first":
                 await release.wait()
             await self.wfile.write(self.packet.upper())
 
-    udp = trioserve.UDPServer(("127.0.0.1", 0), Inline)
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Waiting)
     async with serving(udp), udp_client() as client:
         await client.sendto(b"first", udp.server_address)
         await client.sendto(b"second", udp.server_address)
-        await trio.testing.wait_all_tasks_blocked()
-        # The first holds the accept loop: the second waits in the socket.
-        assert seen == [b"first"]
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"SECOND"
+        assert seen == [b"first", b"second"]
         release.set()
         with trio.fail_after(5):
             assert await client.recv(100) == b"FIRST"
-            assert await client.recv(100) == b"SECOND"
-    assert udp.stats.completed == 2
+        await client.sendto(b"third", udp.server_address)
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"THIRD"
+    assert udp.stats.completed == 3
+
+
+class _SpawnCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+
+async def test_a_datagram_handler_that_never_waits_gets_no_task_of_its_own() -> None:
+    # What eager start is for: the obvious handler (read the packet, write
+    # the reply) is done before it would wait, in the receiving task.
+    class Upper(trioserve.DatagramRequestHandler):
+        async def handle(self) -> None:
+            async for line in self.rfile:
+                await self.wfile.write(line.upper())
+
+    rounds = 50
+    counter = _SpawnCounter()
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Upper)
+    async with serving(udp), udp_client() as client:
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for n in range(rounds):
+                await client.sendto(b"line %d\n" % n, udp.server_address)
+                with trio.fail_after(5):
+                    assert await client.recv(100) == b"LINE %d\n" % n
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+    assert udp.stats.completed == rounds
+    assert counter.spawned == 0
+
+
+async def test_datagram_requests_started_in_place_keep_their_context_apart() -> None:
+    # A request started in place sees the context as a new task would: what
+    # one request sets, the next does not see, whether it waited or not.
+    request_id: contextvars.ContextVar[bytes] = contextvars.ContextVar("request_id")
+    seen: list[bytes | None] = []
+
+    class Tagging(trioserve.DatagramRequestHandler):
+        async def handle(self) -> None:
+            seen.append(request_id.get(None))
+            request_id.set(self.packet)
+            if self.packet == b"wait":
+                await trio.lowlevel.checkpoint()
+            seen.append(request_id.get(None))
+            await self.wfile.write(self.packet)
+
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Tagging)
+    async with serving(udp), udp_client() as client:
+        for word in (b"one", b"wait", b"two"):
+            await client.sendto(word, udp.server_address)
+            with trio.fail_after(5):
+                assert await client.recv(100) == word
+    assert seen == [None, b"one", None, b"wait", None, b"two"]
+
+
+async def test_a_waiting_datagram_handler_gets_the_shutdown_grace_period() -> None:
+    # Started in the receiving task, it is still a request, not part of
+    # accepting: the shutdown stops the receiving, and lets it finish.
+    started = trio.Event()
+    release = trio.Event()
+
+    class Slow(trioserve.DatagramRequestHandler):
+        async def handle(self) -> None:
+            started.set()
+            await release.wait()
+            await self.wfile.write(b"done")
+
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Slow, shutdown_timeout=30)
+    async with trio.open_nursery() as nursery, udp_client() as client:
+        await nursery.start(udp.serve_forever)
+        await client.sendto(b"go", udp.server_address)
+        with trio.fail_after(5):
+            await started.wait()
+        nursery.start_soon(udp.shutdown)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not udp.is_serving()
+        release.set()
+        with trio.fail_after(5):
+            assert await client.recv(100) == b"done"
+    assert udp.stats.completed == 1
+    assert udp.stats.cancelled == 0
+    await udp.server_close()
+
+
+async def test_a_datagram_handler_may_shut_the_server_down() -> None:
+    # From inside a request started in place, shutdown() starts the
+    # shutdown and returns; the request ends as usual.
+    class Stopping(trioserve.DatagramRequestHandler):
+        async def handle(self) -> None:
+            await self.server.shutdown()
+            await self.wfile.write(b"bye")
+
+    udp = trioserve.UDPServer(("127.0.0.1", 0), Stopping)
+    async with udp, udp_client() as client:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(udp.serve_forever)
+            await client.sendto(b"stop", udp.server_address)
+            with trio.fail_after(5):
+                assert await client.recv(100) == b"bye"
+        # serve_forever returned.
+    assert udp.stats.completed == 1
+    assert not udp.is_serving()
+
+
+def test_inline_is_deprecated() -> None:
+    with pytest.warns(DeprecationWarning, match="inline has no effect"):
+
+        class Inline(trioserve.DatagramRequestHandler):
+            inline = True
 
 
 async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
@@ -868,8 +984,6 @@ async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
     ticks_seen: list[int] = []
 
     class Counting(trioserve.DatagramRequestHandler):
-        inline = True
-
         async def handle(self) -> None:
             ticks_seen.append(ticks)
             await self.wfile.write(self.packet)
@@ -934,8 +1048,6 @@ async def test_an_emptied_datagram_socket_is_looked_at_again_before_a_wait(
     # the batch in. The one wait is for the client's silence after the last
     # datagram; without the looks there would be one per datagram.
     class Echo(trioserve.DatagramRequestHandler):
-        inline = True
-
         async def handle(self) -> None:
             await self.wfile.write(self.packet)
 
@@ -975,10 +1087,7 @@ async def test_an_overridden_get_request_still_receives_every_datagram() -> None
     assert received == [b"one\n", b"two\n"]
 
 
-@pytest.mark.parametrize("inline", [False, True])
-async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited(
-    inline: bool,
-) -> None:
+async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited() -> None:
     # The server skips verify_request, shutdown_request and close_request
     # while they are the defaults that do nothing, and does what
     # process_request and finish_request would do without awaiting them; an
@@ -990,11 +1099,7 @@ async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited(
         async def close_request(self, request: Any) -> None:
             calls.append(("close", request[0]))
 
-    class Handler(DatagramUpper):
-        pass
-
-    Handler.inline = inline
-    udp = Hooked(("127.0.0.1", 0), Handler)
+    udp = Hooked(("127.0.0.1", 0), DatagramUpper)
     async with serving(udp), udp_client() as client:
         await client.sendto(b"one\n", udp.server_address)
         with trio.fail_after(5):

@@ -29,10 +29,4 @@ class EchoStreamHandler(EchoHandler, StreamRequestHandler):
 
 
 class EchoDatagramHandler(EchoHandler, DatagramRequestHandler):
-    """Echo over UDP or a Unix datagram socket.
-
-    Its only I/O is the reply, so the server runs it inline (see
-    :attr:`BaseRequestHandler.inline`).
-    """
-
-    inline = True
+    """Echo over UDP or a Unix datagram socket."""

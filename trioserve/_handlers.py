@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -92,19 +93,23 @@ class BaseRequestHandler:
     #: Seconds :meth:`finish` may run, shielded from cancellation; ``None``
     #: means no bound (a ``finish`` that hangs then stalls shutdown forever).
     finish_timeout: float | None = 2.0
-    #: True for a handler that does no I/O of its own but its reply, such as
-    #: a datagram echo: the server then runs it inline, in the accept task of
-    #: the listener that took the request, without a task of its own. That
-    #: is much cheaper per request, but requests are then handled one at a
-    #: time, so a handler that waits on anything else must leave this False.
-    #: The server reads it when serving starts, and when its
-    #: ``RequestHandlerClass`` is set.
+    #: Deprecated, and without effect: a datagram server runs every request
+    #: in place until it first waits (see :class:`~trioserve.UDPServer`), so
+    #: a handler no longer says whether it waits. Setting it in a class
+    #: warns.
     inline: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Refused where it is written, before any request.
         check_async_hooks(cls, [name for name in HANDLER_HOOKS if name in vars(cls)])
+        if "inline" in vars(cls):
+            warnings.warn(
+                f"{cls.__name__}.inline has no effect, and is deprecated: a "
+                "datagram server runs every handler in place until it waits",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
     def __init__(self, request: Any, client_address: Any, server: BaseServer) -> None:
         self.request = request

@@ -107,8 +107,8 @@ class RequestPlan:
     verify: Callable[[Any, Any], Awaitable[bool]] | None
     #: ``process_request``, or ``run`` itself while that is all it does.
     process: Step
-    #: The request's run: awaited right here for an ``inline`` handler,
-    #: started in a task of its own otherwise.
+    #: The request's run: awaited right here where the server runs requests
+    #: in place (a datagram server), started in a task of its own otherwise.
     run: Step
     #: Makes an accepted request ready for its handler: the request and
     #: client address to handle, or None to drop it. None: nothing to do.

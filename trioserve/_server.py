@@ -7,16 +7,17 @@ import math
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from enum import Enum
 from functools import partial
 from time import perf_counter
 from types import TracebackType
-from typing import Any, Final, TypeVar, cast
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 import attrs
 import trio
 
+from ._eager import FINISHED, first_step, resume
 from ._handlers import HANDLER_HOOKS, BaseRequestHandler, check_async_hooks, run_handler
 from ._listeners import ACCEPT_RETRY_DELAY, AcceptErrors, RequestSource
 from ._plan import (
@@ -109,7 +110,16 @@ class _Serving:
     # taken once prepared. A client slow to shake hands then never keeps an
     # established one from its handler.
     request_slots: trio.Semaphore | None = None
-    accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    # The cancel scopes around waits for a request (each accept task's, while
+    # it waits; handle_request's): the shutdown cancels them to stop
+    # accepting.
+    accept_scopes: set[trio.CancelScope] = attrs.Factory(set)
+    # serve_forever's: the nursery of the accept tasks (and of the requests
+    # they start in place and that went on to wait), their number, and the
+    # scope of the service actions, which run while any accepts.
+    accepting: trio.Nursery | None = None
+    accept_tasks: int = 0
+    service_actions: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Requests in flight per peer host, kept only under a per-peer limit.
     peers: dict[Any, int] = attrs.Factory(dict)
     # The client addresses of the requests that a shutdown cancelled.
@@ -206,6 +216,12 @@ class BaseServer:
     #: Seconds :meth:`handle_request` waits for a request before it awaits
     #: :meth:`handle_timeout`; ``None`` waits forever.
     timeout: float | None = None
+    # Whether a request runs in the accept task that took it, up to its first
+    # wait, instead of in a task of its own from the start (see
+    # _take_requests). For datagrams, most of which need no task at all; a
+    # stream's request waits for its bytes at once, and would only pay for
+    # the hand-over.
+    _runs_requests_in_place: ClassVar[bool] = False
     #: Seconds :meth:`shutdown` lets requests in flight run before it cancels
     #: them. ``math.inf`` waits for them however long they take.
     shutdown_timeout: float = 5.0
@@ -440,21 +456,15 @@ class BaseServer:
             self._serve(
                 self.max_concurrent_requests, self._preparing_limit()
             ) as serving,
-            trio.open_nursery() as service_nursery,
+            trio.open_nursery() as accepting,
         ):
-            service_nursery.start_soon(self._run_service_actions, poll_interval)
-            with serving.accept_scope:
-                async with trio.open_nursery() as accepting:
-                    for source in self._request_sources():
-                        accepting.start_soon(self._accept_requests, serving, source)
-                    self._accepting = True
-                    task_status.started(self.server_address)
-            # Accepting has stopped: by shutdown(), whose timeout stands, or
-            # because the socket was closed, in which case the shutdown
-            # begins here.
-            if not self._shutdown_signal.started:
-                self._begin_shutdown(serving, self.shutdown_timeout)
-            service_nursery.cancel_scope.cancel()
+            serving.accepting = accepting
+            for source in self._request_sources():
+                self._start_accepting(serving, source)
+            self._accepting = True
+            task_status.started(self.server_address)
+            with serving.service_actions:
+                await self._run_service_actions(poll_interval)
 
     async def handle_request(self) -> None:
         """Wait for one request and handle it to completion.
@@ -471,7 +481,8 @@ class BaseServer:
             # listener that took a request as the race ended keeps it: it is
             # handled too, not dropped.
             taken: list[tuple[Any, Any]] = []
-            with serving.accept_scope, trio.move_on_after(wait) as timer:
+            with trio.CancelScope() as waiting, trio.move_on_after(wait) as timer:
+                serving.accept_scopes.add(waiting)
                 async with trio.open_nursery() as race:
                     for source in self._request_sources():
                         race.start_soon(
@@ -564,19 +575,60 @@ class BaseServer:
         taking = cast(Callable[[Any], Awaitable[tuple[Any, Any]]], self.get_request)
         return [RequestSource(partial(taking, listener)) for listener in listeners]
 
-    async def _accept_requests(self, serving: _Serving, source: RequestSource) -> None:
-        """One listener's accept task: each request it takes is handled.
+    def _start_accepting(self, serving: _Serving, source: RequestSource) -> None:
+        """Start an accept task taking requests from ``source``."""
+        assert serving.accepting is not None
+        serving.accept_tasks += 1
+        serving.accepting.start_soon(self._accept_requests, serving, source)
 
-        As in Trio's ``serve_listeners``: one such task per listener, all
-        handing requests to the one nursery. At ``max_concurrent_requests``
+    async def _accept_requests(self, serving: _Serving, source: RequestSource) -> None:
+        """An accept task: it takes requests from ``source`` until accepting stops.
+
+        As in Trio's ``serve_listeners``, one such task per listener. Each
+        request starts right here (see :meth:`_take_requests`); one that
+        waits keeps this task, and a new accept task takes over.
+        """
+        with trio.CancelScope() as scope:
+            try:
+                rest = await self._take_requests(serving, source, scope)
+            finally:
+                serving.accept_scopes.discard(scope)
+                serving.accept_tasks -= 1
+                if not serving.accept_tasks:
+                    self._stopped_accepting(serving)
+            if rest is not None:
+                # Outside serving.accept_scopes for good: the shutdown does
+                # not cancel a request, it gives it the grace period.
+                await rest
+
+    async def _take_requests(
+        self, serving: _Serving, source: RequestSource, scope: trio.CancelScope
+    ) -> Awaitable[None] | None:
+        """Take requests from ``source`` and start each, in this task.
+
+        Returns when accepting stops, or with the rest of a request that is
+        about to wait, to be awaited in this task: a new accept task has
+        taken over. ``scope`` is this task's: in ``serving.accept_scopes``
+        while the task waits for a request (the shutdown cancels it there),
+        out of it while a request runs.
+
+        A request starts eagerly: it runs here up to its first wait, in a
+        context of its own, and most datagrams are done by then, without a
+        task of their own (see benchmarks/README.md, "Measured costs behind
+        the code: eager start"). A stream server's request, whose first
+        step starts its task, is no different. At ``max_concurrent_requests``
         it stops taking requests, holding the one it has (so with several
         listeners, at most one request per listener waits above the bound)
         until a slot frees.
         """
         slots = serving.slots
         errors = self._accept_errors
+        waiting = serving.accept_scopes
         wait, ready, pacer = source.wait, source.ready, source.pacer
-        while True:
+        waiting.add(scope)
+        # Checked each time round: the shutdown may have come before this
+        # task ran, or from a request started here.
+        while self._accepting:
             # Awaited here, not through a helper: a coroutine fewer per
             # request (see benchmarks/README.md, "Measured costs behind the
             # code: inlined datagram read").
@@ -593,7 +645,7 @@ class BaseServer:
             except (OSError, trio.ClosedResourceError) as exc:
                 if await errors.retry_after(exc):
                     continue
-                return
+                return None
             errors.delay = ACCEPT_RETRY_DELAY
             if slots is not None:
                 try:
@@ -605,7 +657,28 @@ class BaseServer:
                         self._handle_when_slot_frees, serving, *accepted
                     )
                     raise
-            await self._handle_accepted(serving, *accepted)
+            waiting.discard(scope)
+            if not self._accepting:
+                # The shutdown came as the request did (and cancelled the
+                # scope, which the handler must not see): it reached us, so
+                # it is handled, with the grace period, in a task of its own.
+                self._hand_over(*accepted)
+                return None
+            context = copy_context()
+            handling = self._handle_accepted(serving, *accepted)
+            message = first_step(handling, context)
+            if message is not FINISHED:
+                self._start_accepting(serving, source)
+                return resume(handling, message, context)
+            waiting.add(scope)
+        return None
+
+    def _stopped_accepting(self, serving: _Serving) -> None:
+        """Every accept task has stopped: by the shutdown, or because the
+        sockets were closed, in which case the shutdown begins here."""
+        if not self._shutdown_signal.started:
+            self._begin_shutdown(serving, self.shutdown_timeout)
+        serving.service_actions.cancel()
 
     async def _handle_when_slot_frees(
         self, serving: _Serving, request: Any, client_address: Any
@@ -660,8 +733,8 @@ class BaseServer:
         if limit is not None and not serving.admit_peer(client_address, limit):
             self.stats.rejected += 1
             LOGGER.debug("refused %r: at max_connections_per_peer", client_address)
-            await self._close_request(request)
             serving.release_slot()
+            await self._close_request(request)
             return
         handed_off = False
         try:
@@ -675,8 +748,9 @@ class BaseServer:
             await self.handle_error(request, client_address)
         finally:
             if not handed_off:
-                await self._close_request(request)
+                # Released first, as a request's run does.
                 serving.release(client_address, serving.slots)
+                await self._close_request(request)
 
     async def _request_task(
         self, serving: _Serving, request: Any, client_address: Any
@@ -716,13 +790,17 @@ class BaseServer:
                 # Where every request that ran ends: its duration, the close
                 # not included (a stream's lingers for the peer).
                 durations.observe(perf_counter() - started)
+            # The request is over: its close, which may linger for the
+            # client's goodbye after the client has seen the end, holds
+            # neither a slot nor its peer's count, so a client that saw the
+            # end may connect again at once.
+            serving.release(connected_from, slot)
             close = plan.close
             if close is not None:
                 # What _close_request does, without a coroutine of its own.
                 rest = start_shielded(close, request, timeout=REQUEST_CLOSE_TIMEOUT)
                 if rest is not None:
                     await rest
-            serving.release(connected_from, slot)
 
     async def _start_request_task(
         self, serving: _Serving, request: Any, client_address: Any
@@ -737,7 +815,7 @@ class BaseServer:
         """
         # Why skip and forward: see benchmarks/README.md, "Measured costs
         # behind the code: skipped hooks".
-        if self.RequestHandlerClass.inline:
+        if self._runs_requests_in_place:
             run = partial(self._request_task, serving)
         else:
             run = partial(self._start_request_task, serving)
@@ -835,7 +913,8 @@ class BaseServer:
 
     def _begin_shutdown(self, serving: _Serving, grace: float) -> None:
         self._accepting = False
-        serving.accept_scope.cancel()
+        for waiting in serving.accept_scopes:
+            waiting.cancel()
         self._shutdown_signal.start()
         requests = serving.nursery.cancel_scope
         requests.deadline = min(requests.deadline, trio.current_time() + grace)
@@ -863,10 +942,11 @@ class BaseServer:
         """Start handling the request in a task of its own.
 
         The task awaits :meth:`finish_request`, then :meth:`shutdown_request`.
-        (A handler class whose ``inline`` is true is handled right here
-        instead, in its listener's accept task, one request at a time.)
-        An override should await ``super().process_request(...)``: that task
-        also keeps the counters and the ``max_concurrent_requests`` bound.
+        (A datagram server handles it right here instead, in the accept task
+        that took it, which the request keeps if it waits: see
+        :class:`UDPServer`.) An override should await
+        ``super().process_request(...)``: that also keeps the counters and
+        the ``max_concurrent_requests`` bound.
         """
         serving = self._serving
         if serving is None:

@@ -24,18 +24,15 @@ cancellation that the shield, entered a moment later, then hides from it.
 
 from __future__ import annotations
 
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, Final, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import trio
 
+from ._eager import FINISHED, first_step, resume
 from ._plan import SHIELDABLE, mark
 
 _Function = TypeVar("_Function", bound=Callable[..., Coroutine[Any, Any, None]])
-
-# What next() returns for a coroutine that finished in its first step.
-_FINISHED: Final = object()
 
 
 def shieldable_from_first_wait(function: _Function) -> _Function:
@@ -49,30 +46,6 @@ def shieldable_from_first_wait(function: _Function) -> _Function:
     unless it is marked too.
     """
     return mark(function, SHIELDABLE)
-
-
-@types.coroutine
-def _resume(
-    coroutine: Coroutine[Any, Any, None], message: object
-) -> Generator[Any, Any, None]:
-    """Go on awaiting ``coroutine``, whose first step yielded ``message``.
-
-    What ``await coroutine`` would do from there on: pass what it yields to
-    Trio's scheduler, and what the scheduler sends or throws back to it.
-    """
-    while True:
-        try:
-            reply = yield message
-        except BaseException as exc:
-            try:
-                message = coroutine.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                message = coroutine.send(reply)
-            except StopIteration:
-                return
 
 
 def start_shielded(
@@ -99,15 +72,14 @@ def start_shielded(
     if getattr(inner, SHIELDABLE, None) is inner:
         coroutine = function(*args)
         # The first step runs here, in this task, exactly as the first step
-        # of ``await coroutine`` would. next() with a default tells a
-        # coroutine that returned without raising StopIteration.
-        message = next(coroutine.__await__(), _FINISHED)
-        if message is _FINISHED:
+        # of ``await coroutine`` would.
+        message = first_step(coroutine, None)
+        if message is FINISHED:
             return None
         # It is about to wait, in this task's own cancel scope: from here on
         # it needs the shield. Nothing runs between its yield and the scope
         # _shielded enters, so no cancellation can slip in.
-        return _shielded(_resume(coroutine, message), timeout)
+        return _shielded(resume(coroutine, message, None), timeout)
     return _shielded(function(*args), timeout)
 
 

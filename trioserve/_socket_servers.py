@@ -696,9 +696,19 @@ class UDPServer(TCPServer):
     Dropped datagrams are logged at most once every 10 seconds per server
     (the next warning says how many were not logged), so a sender of bad
     datagrams cannot flood the log; ``stats`` counts every one.
+
+    A datagram's request starts eagerly: it runs in the task that received
+    it until it first waits, and most handlers are done by then (building
+    the reply and sending it does not wait while the socket takes it), with
+    no task of their own to pay for. A handler that does wait, on a lock, a
+    timer, another server, keeps that task from then on, exactly as if it
+    had been given one, and a new task takes over receiving, so the next
+    datagrams do not wait for it. Each request sees the context variables
+    as they were when it started, as a task would.
     """
 
     socket_type = stdlib_socket.SOCK_DGRAM
+    _runs_requests_in_place = True
     #: Off, as in socketserver: for UDP it would let two servers share a port.
     allow_reuse_address = False
     #: The longest datagram handled, in bytes.

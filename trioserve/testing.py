@@ -238,6 +238,9 @@ class MemoryDatagramServer(BaseServer):
       options: The :class:`~trioserve.BaseServer` options.
     """
 
+    # As a UDPServer does.
+    _runs_requests_in_place = True
+
     def __init__(
         self, RequestHandlerClass: type[BaseRequestHandler], **options: Any
     ) -> None:
