@@ -32,3 +32,26 @@ def announce(kind: str, address: tuple[object, ...] | str) -> None:
     """
     assert isinstance(address, tuple), f"not an IP address: {address!r}"
     print(f"serving {kind.upper()} on {address[0]}:{address[1]}", flush=True)
+
+
+#: The receive size the asyncio peers use: uvloop's and Trio's, not asyncio's
+#: 256 KiB (see :func:`receive_like_uvloop`).
+ASYNCIO_RECEIVE_SIZE = 64 * 1024
+
+
+def receive_like_uvloop() -> None:
+    """Make asyncio's selector transports receive at most 64 KiB at a time.
+
+    asyncio receives into a new 256 KiB ``bytes`` on every read. With this
+    machine's glibc that is above the allocator's trim threshold, so each
+    receive of a 64-byte line maps and unmaps memory: the asyncio Protocol
+    peer made 36k round trips a second at ``tcp-100`` so, and 166k with
+    64 KiB receives (benchmarks/README.md, "Fairness and what the numbers
+    mean"). The peers are tuned so that the ratios measure the event loop,
+    not the allocator: it only makes them faster.
+    """
+    from asyncio import selector_events
+
+    for transport in ("_SelectorSocketTransport", "_SelectorDatagramTransport"):
+        cls = getattr(selector_events, transport)
+        cls.max_size = ASYNCIO_RECEIVE_SIZE

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from benchmarks.peers._common import announce, parse_args
+from benchmarks.peers._common import announce, parse_args, receive_like_uvloop
 
 
 async def line_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -48,6 +48,7 @@ async def serve(kind: str, address: tuple[str, int]) -> None:
 
 
 def main() -> None:
+    receive_like_uvloop()
     asyncio.run(serve(*parse_args(__doc__.splitlines()[0])))
 
 

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from benchmarks.peers._common import announce, parse_args
+from benchmarks.peers._common import announce, parse_args, receive_like_uvloop
 from benchmarks.peers.asyncio_peer import DatagramEcho
 
 #: How an event loop is run: ``asyncio.run`` or ``uvloop.run``.
@@ -69,6 +69,7 @@ async def serve(kind: str, address: tuple[str, int]) -> None:
 
 def main(run: Runner = asyncio.run, description: str | None = None) -> None:
     """Serve with the event loop that run starts."""
+    receive_like_uvloop()  # no effect on uvloop's own transports
     run(serve(*parse_args(description or __doc__.splitlines()[0])))
 
 
