@@ -648,15 +648,7 @@ class BaseServer:
                 return None
             errors.delay = ACCEPT_RETRY_DELAY
             if slots is not None:
-                try:
-                    await slots.acquire()
-                except BaseException:
-                    # Shutdown began while it waited above the bound: it
-                    # reached us, so it waits on, for the grace period.
-                    serving.nursery.start_soon(
-                        self._handle_when_slot_frees, serving, *accepted
-                    )
-                    raise
+                await self._wait_for_slot(serving, slots, accepted)
             waiting.discard(scope)
             if not self._accepting:
                 # The shutdown came as the request did (and cancelled the
@@ -679,6 +671,18 @@ class BaseServer:
         if not self._shutdown_signal.started:
             self._begin_shutdown(serving, self.shutdown_timeout)
         serving.service_actions.cancel()
+
+    async def _wait_for_slot(
+        self, serving: _Serving, slots: trio.Semaphore, accepted: tuple[Any, Any]
+    ) -> None:
+        """Wait, holding ``accepted``, for one of the ``slots`` to be free."""
+        try:
+            await slots.acquire()
+        except BaseException:
+            # Shutdown began while it waited above the bound: it reached us,
+            # so it waits on, for the grace period.
+            serving.nursery.start_soon(self._handle_when_slot_frees, serving, *accepted)
+            raise
 
     async def _handle_when_slot_frees(
         self, serving: _Serving, request: Any, client_address: Any
