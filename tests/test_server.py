@@ -968,6 +968,32 @@ async def test_a_datagram_handler_may_shut_the_server_down() -> None:
     assert not udp.is_serving()
 
 
+async def test_a_verify_request_that_waits_does_not_hold_up_accepting() -> None:
+    # The request keeps the accept task it started in; a new one accepts.
+    release = trio.Event()
+    verifying = trio.Event()
+
+    class Checking(trioserve.TCPServer):
+        async def verify_request(self, request: Any, client_address: Any) -> bool:
+            if not verifying.is_set():
+                verifying.set()
+                await release.wait()
+            return True
+
+    server = Checking(("127.0.0.1", 0), Echo)
+    async with serving(server):
+        async with await connect(server) as slow:
+            with trio.fail_after(5):
+                await verifying.wait()
+            async with await connect(server) as quick:
+                with trio.fail_after(5):
+                    assert await roundtrip(quick, b"hi\n") == b"hi\n"
+            release.set()
+            with trio.fail_after(5):
+                assert await roundtrip(slow, b"late\n") == b"late\n"
+    assert server.stats.completed == 2
+
+
 def test_inline_is_deprecated() -> None:
     with pytest.warns(DeprecationWarning, match="inline has no effect"):
 
