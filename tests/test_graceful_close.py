@@ -253,3 +253,55 @@ async def test_a_reply_written_before_close_arrives_whole_while_the_client_sends
                     while chunk := await client.receive_some(65536):
                         received += chunk
     assert len(received) == REPLY_SIZE
+
+
+async def test_a_connection_whose_client_has_closed_is_closed_without_waiting() -> None:
+    # The usual end of a connection: the client closed first. The close then
+    # takes one receive and no wait, so the server's request costs no
+    # shield and no trip through the scheduler (its close_request is marked
+    # shieldable_from_first_wait).
+    from trioserve._eager import FINISHED, first_step
+    from trioserve._lingering import close_without_reset
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        port = listener.socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server_side = await listener.accept()
+        await client.aclose()
+        sock = server_side.socket
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(sock)
+        assert first_step(close_without_reset(server_side, 1.0), None) is FINISHED
+        assert sock.fileno() == -1
+
+
+async def test_a_close_that_lingers_waits_plainly_first() -> None:
+    # A client still connected: the close must linger, and its first wait
+    # is a plain checkpoint, outside any scope of its own, so that the
+    # server's shield can go on around the rest.
+    from trioserve._eager import FINISHED, first_step, resume
+    from trioserve._lingering import close_without_reset
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        port = listener.socket.getsockname()[1]
+        async with await trio.open_tcp_stream("127.0.0.1", port) as client:
+            server_side = await listener.accept()
+            closing = close_without_reset(server_side, 1.0)
+            message = first_step(closing, None)
+            assert message is not FINISHED
+
+            async def client_side() -> None:
+                # The server shut its side: the client sees the end, then
+                # closes, which ends the lingering.
+                assert await client.receive_some(10) == b""
+                await client.aclose()
+
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client_side)
+                    # The rest, in this task, in a shield entered only now.
+                    with trio.CancelScope(shield=True):
+                        await resume(closing, message, None)
+            assert server_side.socket.fileno() == -1

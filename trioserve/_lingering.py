@@ -38,6 +38,13 @@ async def close_without_reset(stream: trio.abc.AsyncResource, linger: float) -> 
     The lingering lasts ``linger`` seconds at most: a peer that takes
     longer to close, or never does, is closed on regardless. Cancellation
     cuts it short too; the stream is closed all the same.
+
+    Up to its first wait it neither looks at cancellation nor enters a
+    cancel scope, and that wait is a plain one, so a caller may be marked
+    ``shieldable_from_first_wait``: a socket connection whose peer has
+    closed already, the usual end, is closed without waiting at all, and
+    then costs its caller no shield (see benchmarks/README.md, "Measured
+    costs behind the code: deferred shield").
     """
     if isinstance(stream, trio.SocketStream):
         sock = stdlib_socket_of(stream.socket)
@@ -45,8 +52,13 @@ async def close_without_reset(stream: trio.abc.AsyncResource, linger: float) -> 
             if sock is not None:
                 await _linger(sock, linger)
         finally:
-            await stream.aclose()
+            # What aclose() does, without its checkpoint: that would be a
+            # wait that looks at cancellation.
+            stream.socket.close()
         return
+    # Closing any other stream may look at cancellation at once; a plain
+    # wait first lets a caller's deferred shield go on before it does.
+    await trio.lowlevel.cancel_shielded_checkpoint()
     transport = getattr(stream, "transport_stream", None)
     if not isinstance(stream, trio.SSLStream) or not isinstance(
         transport, trio.SocketStream
@@ -71,7 +83,8 @@ async def close_without_reset(stream: trio.abc.AsyncResource, linger: float) -> 
 async def _linger(sock: socket.socket, timeout: float) -> None:
     """Shut ``sock`` for writing and discard its input until the peer's end.
 
-    Need not checkpoint: the close it comes with does.
+    Returns at once, without waiting, if the peer has closed already; its
+    first wait is a plain one (see :func:`close_without_reset`).
     """
     if _discard_ready(sock):
         # The peer has closed (or reset): nothing more can arrive.
@@ -80,11 +93,12 @@ async def _linger(sock: socket.socket, timeout: float) -> None:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         return
+    # Plain, before the timeout's scope: a caller's deferred shield goes on
+    # here, outside that scope, as it must.
+    await trio.lowlevel.cancel_shielded_checkpoint()
     with trio.move_on_after(timeout):
-        while True:
+        while not _discard_ready(sock):
             await trio.lowlevel.wait_readable(sock)
-            if _discard_ready(sock):
-                return
 
 
 def _discard_ready(sock: socket.socket) -> bool:

@@ -14,6 +14,7 @@ from ._lingering import close_without_reset
 from ._listeners import RequestSource
 from ._plan import forwarding
 from ._server import DEFAULT, BaseServer, _Default
+from ._shielding import shieldable_from_first_wait
 from ._socketio import socket_under
 
 StreamListener = trio.abc.Listener[trio.abc.Stream]
@@ -120,6 +121,7 @@ class ListenerServer(BaseServer):
         for listener in self.listeners:
             await listener.aclose()
 
+    @shieldable_from_first_wait
     async def close_request(self, request: Any) -> None:
         """Close the stream without resetting the connection (see
         :meth:`TCPServer.close_request`)."""

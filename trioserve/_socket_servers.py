@@ -35,6 +35,7 @@ from ._proxy import (
     receive_proxy_header,
 )
 from ._server import DEFAULT, BaseServer, _Default
+from ._shielding import shieldable_from_first_wait
 from ._socketio import wait_until_spoken
 from ._warning_limiter import WarningLimiter
 
@@ -604,6 +605,7 @@ class TCPServer(BaseServer):
             return None
         return peer if header.source is None else header.source
 
+    @shieldable_from_first_wait
     async def close_request(self, request: Any) -> None:
         """Close the request's stream without resetting the connection.
 
