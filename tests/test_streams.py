@@ -895,7 +895,7 @@ async def test_writer_timeout_measures_stalls_not_total_time(
 
 def held_by(obj: object) -> list[object]:
     """The objects ``obj`` holds: its slots' values, or its ``__dict__``'s."""
-    held = []
+    held: list[object] = []
     for referent in gc.get_referents(obj):
         if isinstance(referent, dict):
             held.extend(referent.values())
