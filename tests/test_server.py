@@ -1176,3 +1176,22 @@ async def test_udp_hooks_overridden_or_set_on_the_instance_are_awaited() -> None
     ]
     assert udp.stats.rejected == 1
     assert udp.stats.completed == 3
+
+
+async def test_request_tasks_share_one_name() -> None:
+    # The name Trio would give each task, as one string, not one per task:
+    # each is held for as long as its connection stays open.
+    names: list[str] = []
+
+    class Named(trioserve.StreamRequestHandler):
+        async def handle(self) -> None:
+            names.append(trio.lowlevel.current_task().name)
+
+    async with serving(trioserve.TCPServer(("127.0.0.1", 0), Named)) as server:
+        for _ in range(2):
+            with trio.fail_after(5):
+                async with await connect(server) as stream:
+                    await stream.send_eof()
+                    assert await stream.receive_some() == b""
+    assert names[0] == "trioserve._server.BaseServer._request_task"
+    assert names[0] is names[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import gc
 import inspect
 import itertools
 import socket as stdlib_socket
@@ -887,6 +888,46 @@ async def test_writer_timeout_measures_stalls_not_total_time(
         with trio.fail_after(10_000):
             await peer.closed.wait()
         assert peer.data == payload
+
+
+# --- what an idle connection holds ---------------------------------------------------
+
+
+def held_by(obj: object) -> list[object]:
+    """The objects ``obj`` holds: its slots' values, or its ``__dict__``'s."""
+    held: list[object] = []
+    for referent in gc.get_referents(obj):
+        if isinstance(referent, dict):
+            held.extend(referent.values())
+        else:
+            held.append(referent)
+    return held
+
+
+async def test_readers_and_writers_have_no_instance_dict() -> None:
+    # One of each is held for as long as its connection stays open.
+    async with socket_stream_pair() as (near, _):
+        signal = ShutdownSignal(1.0, trioserve.ServerStats())
+        for file in (
+            AsyncBufferedReader(near),
+            ServerReader(near, signal, first_bytes_idle=True),
+            AsyncBufferedWriter(near),
+        ):
+            assert not hasattr(file, "__dict__"), type(file).__name__
+
+
+@pytest.mark.parametrize("buffer_size", [0, 1024])
+async def test_a_writer_holds_no_buffer_between_messages(buffer_size: int) -> None:
+    async with socket_stream_pair() as (near, far):
+        writer = AsyncBufferedWriter(near, buffer_size=buffer_size)
+        assert not any(isinstance(o, bytearray) for o in held_by(writer))
+        await writer.write(b"x" * 10)
+        await writer.flush()
+        assert not any(isinstance(o, bytearray) for o in held_by(writer))
+        # A buffered writer makes its buffer again for the next message.
+        await writer.write(b"y" * 10)
+        await writer.flush()
+        assert await far.receive_some(100) == b"x" * 10 + b"y" * 10
 
 
 # --- AsyncPacketWriter ----------------------------------------------------------------

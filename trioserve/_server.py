@@ -51,6 +51,11 @@ LOGGER = logging.getLogger("trioserve")
 # stalling shutdown for ever.
 REQUEST_CLOSE_TIMEOUT: Final = 1.0
 
+# Every request task's name, the one Trio would make from the function: one
+# string for them all, where Trio would format a new one for each task,
+# held for as long as its connection stays open.
+REQUEST_TASK_NAME: Final = f"{__name__}.BaseServer._request_task"
+
 # The servers whose serve_forever (or handle_request) encloses the current
 # task. shutdown() called from inside one of them must not wait for it to
 # return: it would be waiting for itself.
@@ -809,7 +814,13 @@ class BaseServer:
     async def _start_request_task(
         self, serving: _Serving, request: Any, client_address: Any
     ) -> None:
-        serving.nursery.start_soon(self._request_task, serving, request, client_address)
+        serving.nursery.start_soon(
+            self._request_task,
+            serving,
+            request,
+            client_address,
+            name=REQUEST_TASK_NAME,
+        )
 
     def _plan_requests(self, serving: _Serving, *, trades_slot: bool) -> RequestPlan:
         """Decide what each request goes through, from the hooks as they are now.

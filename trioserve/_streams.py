@@ -297,6 +297,21 @@ class AsyncBufferedReader(_LineIterator):
       :exc:`trio.BusyResourceError` when two tasks read at once.
     """
 
+    # Slotted: one is held for as long as its connection stays open. Why:
+    # see benchmarks/README.md, "Measured costs behind the code: what an
+    # idle connection holds".
+    __slots__ = (
+        "_buffer",
+        "_eof",
+        "_reading",
+        "_receiver",
+        "_rules",
+        "_scanned",
+        "_stream",
+        "max_line_length",
+        "receive_size",
+    )
+
     def __init__(
         self,
         stream: trio.abc.ReceiveStream,
@@ -495,6 +510,8 @@ class ServerReader(AsyncBufferedReader):
     a client's behalf, whose first bytes are on their way.
     """
 
+    __slots__ = ()
+
     def __init__(
         self,
         stream: trio.abc.ReceiveStream,
@@ -535,6 +552,9 @@ class AsyncBufferedWriter:
       :exc:`trio.BusyResourceError` when two tasks write at once.
     """
 
+    # As the reader's.
+    __slots__ = ("_buffer", "_io", "_stream", "_writing", "buffer_size", "timeout")
+
     def __init__(
         self,
         stream: trio.abc.SendStream,
@@ -543,7 +563,9 @@ class AsyncBufferedWriter:
         timeout: float | None = None,
     ) -> None:
         self._stream = stream
-        self._buffer = bytearray()
+        # Made by the first write it holds: an unbuffered writer (the
+        # default) never needs one.
+        self._buffer: bytearray | None = None
         # Whether a task is writing: see _start_writing.
         self._writing = False
         self.buffer_size = buffer_size
@@ -563,6 +585,8 @@ class AsyncBufferedWriter:
             if self.buffer_size <= 0:
                 await self._send(data)
             else:
+                if self._buffer is None:
+                    self._buffer = bytearray()
                 self._buffer += data
                 if len(self._buffer) >= self.buffer_size:
                     await self._send_buffer()
@@ -617,9 +641,12 @@ class AsyncBufferedWriter:
             self._writing = False
 
     async def _send_buffer(self) -> None:
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
+        buffer = self._buffer
+        if buffer:
+            # Dropped, not cleared: a writer that waits between messages
+            # holds no buffer.
+            data = bytes(buffer)
+            self._buffer = None
             await self._send(data)
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
