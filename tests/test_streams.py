@@ -590,12 +590,33 @@ async def test_timeouts_set_after_construction_apply_to_the_next_wait(
 # --- shutdown signal -----------------------------------------------------------------
 
 
-def new_signal(drain_window: float = 0.0) -> ShutdownSignal:
-    """A server's shutdown signal, by default with no drain window."""
-    return ShutdownSignal(drain_window, trioserve.ServerStats())
+SignalFactory = Callable[..., ShutdownSignal]
 
 
-async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
+@pytest.fixture(params=["watcher", "scope"])
+def new_signal(request: pytest.FixtureRequest) -> SignalFactory:
+    """Makes a server's shutdown signal, by default with no drain window.
+
+    Each test runs twice: with the signal's readiness watcher running, as
+    while a server serves (where the platform has epoll), and without it,
+    where waits take a cancel scope each (TLS, other platforms).
+    """
+
+    def make(drain_window: float = 0.0) -> ShutdownSignal:
+        signal = ShutdownSignal(drain_window, trioserve.ServerStats())
+        if request.param == "watcher":
+            if signal.watcher is None:
+                pytest.skip("no epoll on this platform")
+            # Its task is a system task: it ends with the test's run.
+            signal.watcher.start()
+        return signal
+
+    return make
+
+
+async def test_idle_reader_returns_eof_when_shutdown_starts(
+    new_signal: SignalFactory,
+) -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
         reader = ServerReader(near, signal, first_bytes_idle=True)
@@ -616,7 +637,9 @@ async def test_idle_reader_returns_eof_when_shutdown_starts() -> None:
         assert not signal._idle_scopes
 
 
-async def test_idle_async_for_ends_when_shutdown_starts() -> None:
+async def test_idle_async_for_ends_when_shutdown_starts(
+    new_signal: SignalFactory,
+) -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
         reader = ServerReader(near, signal, first_bytes_idle=True)
@@ -638,7 +661,7 @@ async def test_idle_async_for_ends_when_shutdown_starts() -> None:
 
 
 async def test_reader_returns_eof_at_once_if_shutdown_already_started(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, new_signal: SignalFactory
 ) -> None:
     signal = new_signal()
     signal.start()
@@ -654,7 +677,9 @@ async def test_reader_returns_eof_at_once_if_shutdown_already_started(
         assert not signal._idle_scopes
 
 
-async def test_reader_holding_half_a_line_keeps_waiting_after_shutdown() -> None:
+async def test_reader_holding_half_a_line_keeps_waiting_after_shutdown(
+    new_signal: SignalFactory,
+) -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far), trio.open_nursery() as nursery:
         reader = ServerReader(near, signal, first_bytes_idle=True)
@@ -677,7 +702,9 @@ async def test_reader_holding_half_a_line_keeps_waiting_after_shutdown() -> None
 
 
 @pytest.mark.parametrize("where", ["in the reader's buffer", "in the socket"])
-async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -> None:
+async def test_a_message_already_in_hand_at_shutdown_is_still_read(
+    where: str, new_signal: SignalFactory
+) -> None:
     # In the socket: the first receive emptied it, so the reader next waits
     # without trying a receive first; at shutdown it must still look.
     signal = new_signal()
@@ -697,7 +724,9 @@ async def test_a_message_already_in_hand_at_shutdown_is_still_read(where: str) -
             assert await reader.readline() == b""
 
 
-async def test_reads_before_shutdown_leave_no_idle_scopes_behind() -> None:
+async def test_reads_before_shutdown_leave_no_idle_scopes_behind(
+    new_signal: SignalFactory,
+) -> None:
     signal = new_signal()
     async with socket_stream_pair() as (near, far):
         reader = ServerReader(near, signal, first_bytes_idle=True)
@@ -711,7 +740,7 @@ async def test_reads_before_shutdown_leave_no_idle_scopes_behind() -> None:
 
 @pytest.mark.parametrize("transport", ["socket", "memory"])
 async def test_an_idle_reader_at_shutdown_serves_a_message_within_the_drain_window(
-    autojump_clock: trio.testing.MockClock, transport: str
+    autojump_clock: trio.testing.MockClock, transport: str, new_signal: SignalFactory
 ) -> None:
     # A keep-alive client's next request is on its way when shutdown
     # starts: it arrives within the window and is read, not thrown away.
@@ -737,7 +766,7 @@ async def test_an_idle_reader_at_shutdown_serves_a_message_within_the_drain_wind
 
 @pytest.mark.parametrize("transport", ["socket", "memory"])
 async def test_an_idle_reader_sees_eof_when_the_drain_window_ends(
-    autojump_clock: trio.testing.MockClock, transport: str
+    autojump_clock: trio.testing.MockClock, transport: str, new_signal: SignalFactory
 ) -> None:
     signal = new_signal(drain_window=0.25)
     async with one_way_stream(transport) as (_send, receive):
@@ -756,7 +785,7 @@ async def test_an_idle_reader_sees_eof_when_the_drain_window_ends(
 
 
 async def test_a_reader_timeout_inside_the_drain_window_is_still_a_timeout(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, new_signal: SignalFactory
 ) -> None:
     signal = new_signal(drain_window=5.0)
     async with socket_stream_pair() as (near, _far):
@@ -1242,9 +1271,9 @@ async def test_a_drained_reader_looks_again_before_it_waits(
                     client.shutdown(stdlib_socket.SHUT_WR)
 
 
-async def test_idle_reader_on_a_stream_that_is_not_a_socket_leaves_at_shutdown() -> (
-    None
-):
+async def test_idle_reader_on_a_stream_that_is_not_a_socket_leaves_at_shutdown(
+    new_signal: SignalFactory,
+) -> None:
     # Streams other than plain sockets (TLS, memory streams) take the other
     # road: a cancel scope that start() cancels.
     signal = new_signal()

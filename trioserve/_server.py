@@ -520,7 +520,11 @@ class BaseServer:
         serving: _Serving | None = None
         try:
             async with trio.open_nursery() as nursery:
-                self._shutdown_signal = ShutdownSignal(self.drain_window, self.stats)
+                self._shutdown_signal = signal = ShutdownSignal(
+                    self.drain_window, self.stats
+                )
+                if signal.watcher is not None:
+                    signal.watcher.start()
                 serving = _Serving(nursery, finished, slots, request_slots)
                 serving.plan = self._plan_requests(
                     serving, trades_slot=max_preparing is not DEFAULT
@@ -543,6 +547,9 @@ class BaseServer:
                 raise interrupt from None
             raise
         finally:
+            watcher = self._shutdown_signal.watcher
+            if watcher is not None:
+                watcher.stop()
             self._accepting = False
             self._serving = None
             finished.set()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import socket
+from collections.abc import Awaitable
 
 import trio
 
+from ._readiness import ReadinessWatcher
+from ._socketio import readable_within
 from ._stats import ServerStats
 
 
@@ -23,9 +27,13 @@ class ShutdownSignal:
     nothing on its way sees end-of-stream once the window is over. A reader
     in the middle of a message opens no idle scope, so it keeps the whole
     grace period.
+
+    Where the platform allows, readers of the server's plain sockets park
+    their waits with the signal's :attr:`watcher` instead, which keeps the
+    same deadlines without a scope per wait.
     """
 
-    __slots__ = ("_idle_scopes", "_stats", "drain_deadline", "drain_window")
+    __slots__ = ("_idle_scopes", "_stats", "drain_deadline", "drain_window", "watcher")
 
     def __init__(self, drain_window: float, stats: ServerStats) -> None:
         #: Seconds idle connections get, once shutdown starts, for a message
@@ -36,6 +44,9 @@ class ShutdownSignal:
         self._stats = stats
         # The idle waits that began before start(), to be given its deadline.
         self._idle_scopes: set[trio.CancelScope] = set()
+        #: Where waits on plain sockets park while a serving runs (the
+        #: server starts and stops it), if the platform has what it needs.
+        self.watcher = ReadinessWatcher(stats) if ReadinessWatcher.supported() else None
 
     @property
     def started(self) -> bool:
@@ -50,6 +61,15 @@ class ShutdownSignal:
         for scope in self._idle_scopes:
             scope.deadline = min(scope.deadline, deadline)
         self._idle_scopes.clear()
+        if self.watcher is not None:
+            self.watcher.drain(deadline)
+
+    def readable(self, sock: socket.socket) -> Awaitable[bool]:
+        """An idle wait for ``sock``: True once readable; False if drain ended it."""
+        watcher = self.watcher
+        if watcher is not None and watcher.running:
+            return watcher.wait_readable(sock, math.inf, idle=True)
+        return readable_within(sock, self)
 
     def open_wait_scope(self) -> trio.CancelScope:
         """A cancel scope for one idle wait, ended ``drain_window`` after start.

@@ -24,10 +24,9 @@ second look catches a client a little slower than one round. See
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -133,13 +132,11 @@ class SocketIO(Pacer):
         self.drained = len(data) < size
         return data
 
-    def receive(
-        self, size: int, scopes: WaitScopes
-    ) -> Coroutine[Any, Any, bytes | None]:
+    def receive(self, size: int, waits: ReadWaits) -> Coroutine[Any, Any, bytes | None]:
         """The next chunk, to ``await``: :func:`receive_when_ready` on this socket.
 
-        Up to ``size`` bytes, ``b""`` at end of stream; None if the scope
-        that ``scopes`` gave ended the wait.
+        Up to ``size`` bytes, ``b""`` at end of stream; None if the time of
+        its wait ran out.
         """
         # After a receive that took all the socket had, the next message is
         # most likely not there yet: a receive at once would only fail with
@@ -147,7 +144,7 @@ class SocketIO(Pacer):
         # only after the others have run.
         pacer = None if self.drained else self
         return receive_when_ready(
-            SocketIO.try_receive, self, size, self.sock, pacer, scopes
+            SocketIO.try_receive, self, size, self.sock, pacer, waits
         )
 
     def try_send(self, data: bytes | memoryview) -> int:
@@ -170,10 +167,10 @@ def _trio_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceE
 
 
 class WaitScopes(Protocol):
-    """What decides whether, and for how long, a receive may wait.
+    """What decides whether, and for how long, a wait may go on: its scope.
 
-    :func:`receive_when_ready` asks only when it is about to wait, so a
-    receive that finds its data at once pays for no scope.
+    Asked only when a wait is about to begin, so a receive that finds its
+    data at once pays for no scope.
     """
 
     def open_wait_scope(self) -> trio.CancelScope | None:
@@ -183,8 +180,32 @@ class WaitScopes(Protocol):
         """Take back a scope from :meth:`open_wait_scope`: its wait is over."""
 
 
-# Stands in for a wait's cancel scope when nothing can end the wait.
-_UNTIMED = contextlib.nullcontext()
+class ReadWaits(Protocol):
+    """How a receive waits for its socket: :func:`receive_when_ready`'s wait."""
+
+    def readable(self, sock: socket.socket) -> Awaitable[bool]:
+        """Wait until ``sock`` is readable: True; False if the wait's time ran out.
+
+        A server's reader parks with its ``ReadinessWatcher`` where it can;
+        otherwise this is :func:`readable_within` its scopes.
+        """
+
+
+async def readable_within(sock: socket.socket, scopes: WaitScopes) -> bool:
+    """Wait until ``sock`` is readable, in the scope ``scopes`` gives.
+
+    True once it is; False if the scope ended the wait.
+    """
+    scope = scopes.open_wait_scope()
+    if scope is None:
+        await trio.lowlevel.wait_readable(sock)
+        return True
+    try:
+        with scope:
+            await trio.lowlevel.wait_readable(sock)
+    finally:
+        scopes.close_wait_scope(scope)
+    return not scope.cancelled_caught
 
 
 async def receive_when_ready(
@@ -193,7 +214,7 @@ async def receive_when_ready(
     size: int,
     sock: socket.socket,
     pacer: Pacer | None,
-    scopes: WaitScopes | None,
+    waits: ReadWaits | None,
 ) -> _Received | None:
     """``receive(source, size)``, the first time it gets something.
 
@@ -202,10 +223,10 @@ async def receive_when_ready(
     once, paced by ``pacer`` (see :class:`Pacer`); with ``pacer`` None it
     does not, because the caller has just found ``sock`` empty. Then it
     looks again after a checkpoint, up to :data:`LOOKS_BEFORE_WAITING`
-    times, and only then waits for ``sock`` to become readable, inside the
-    scope ``scopes`` gives for that wait. Returns None if that scope ended
-    the wait (after one last look: bytes that arrived as it ended are
-    taken, not left behind); without ``scopes`` it never does.
+    times, and only then waits for ``sock`` to become readable, as
+    ``waits`` says. Returns None if that wait's time ran out (after one
+    last look: bytes that arrived as it ended are taken, not left behind);
+    without ``waits`` it waits as long as it takes.
     """
     # The caller awaits this coroutine itself, with no helper in between:
     # an idle connection keeps every coroutine on its stack in memory for
@@ -224,18 +245,14 @@ async def receive_when_ready(
         received = receive(source, size)
         if received is not None:
             return received
-    scope = None if scopes is None else scopes.open_wait_scope()
-    try:
-        with scope or _UNTIMED:
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                received = receive(source, size)
-                if received is not None:
-                    return received
-    finally:
-        if scopes is not None and scope is not None:
-            scopes.close_wait_scope(scope)
-    return receive(source, size)
+    while True:
+        if waits is None:
+            await trio.lowlevel.wait_readable(sock)
+        elif not await waits.readable(sock):
+            return receive(source, size)
+        received = receive(source, size)
+        if received is not None:
+            return received
 
 
 def _try_peek(sock: socket.socket, size: int) -> bytes | None:
@@ -247,8 +264,8 @@ def _try_peek(sock: socket.socket, size: int) -> bytes | None:
         return b""  # An error is an answer too: the reads will meet it.
 
 
-async def wait_until_spoken(stream: trio.SocketStream, scopes: WaitScopes) -> bool:
-    """Wait until the peer sends something (or closes); False if ``scopes`` ended it.
+async def wait_until_spoken(stream: trio.SocketStream, waits: ReadWaits) -> bool:
+    """Wait until the peer sends something (or closes); False if ``waits`` ended it.
 
     Nothing is consumed: the bytes stay in the socket for whoever reads it.
     """
@@ -258,7 +275,7 @@ async def wait_until_spoken(stream: trio.SocketStream, scopes: WaitScopes) -> bo
         # as having spoken, and let its reads wait.
         await trio.lowlevel.checkpoint()
         return True
-    return await receive_when_ready(_try_peek, sock, 1, sock, None, scopes) is not None
+    return await receive_when_ready(_try_peek, sock, 1, sock, None, waits) is not None
 
 
 async def send_datagram(

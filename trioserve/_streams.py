@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -20,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from ._shutdown import ShutdownSignal
-from ._socketio import SocketIO, WaitScopes
+from ._socketio import SocketIO, readable_within
 
 #: How many bytes one receive asks the stream for, unless told otherwise.
 DEFAULT_RECEIVE_SIZE = 65536
@@ -137,10 +138,10 @@ class _Receiver(Protocol):
     """A receive strategy: how a reader gets the next chunk of its stream."""
 
     def receive(
-        self, size: int, scopes: WaitScopes
+        self, size: int, rules: _WaitRules
     ) -> Awaitable[bytes | bytearray | None]:
         """The next chunk, to ``await``: ``b""`` at the end of the stream, None
-        if the scope that ``scopes`` gave ended the wait."""
+        if ``rules`` ended the wait."""
 
 
 class _StreamReceiver:
@@ -155,10 +156,10 @@ class _StreamReceiver:
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self.stream = stream
 
-    async def receive(self, size: int, scopes: WaitScopes) -> bytes | bytearray | None:
+    async def receive(self, size: int, rules: _WaitRules) -> bytes | bytearray | None:
         # Nothing tells whether the stream has data ready, so every receive
         # runs in its scope.
-        scope = scopes.open_wait_scope()
+        scope = rules.open_wait_scope()
         try:
             with scope or _UNTIMED:
                 return await self.stream.receive_some(size)
@@ -171,7 +172,7 @@ class _StreamReceiver:
             raise
         finally:
             if scope is not None:
-                scopes.close_wait_scope(scope)
+                rules.close_wait_scope(scope)
         # A cancelled receive leaves a TLS stream as it was: bytes already
         # in its buffers are still there for the next receive.
         return None
@@ -217,10 +218,8 @@ class _WaitRules:
     def _idle_signal(self) -> ShutdownSignal | None:
         return self.signal if self.may_idle and not self.buffer else None
 
-    def open_wait_scope(self) -> trio.CancelScope | None:
-        """The scope a wait for data runs in: None if nothing can end it."""
-        self.idle_signal = signal = self._idle_signal()
-        scope = None if signal is None else signal.open_wait_scope()
+    def _deadline(self) -> float:
+        """When a wait that begins now must end, the drain window aside."""
         deadline = self.message_deadline
         if deadline is None or self.timeout is not None:
             now = trio.current_time()
@@ -232,6 +231,26 @@ class _WaitRules:
                 deadline = self.message_deadline = now + self.idle_timeout
             if self.timeout is not None:
                 deadline = min(deadline, now + self.timeout)
+        return deadline
+
+    def readable(self, sock: socket.socket) -> Awaitable[bool]:
+        """Wait until ``sock`` is readable: True; False if a deadline ended it.
+
+        A server's reader parks with the shutdown signal's watcher while it
+        runs; any other waits in :meth:`open_wait_scope`'s scope.
+        """
+        signal = self.signal
+        watcher = None if signal is None else signal.watcher
+        if watcher is None or not watcher.running:
+            return readable_within(sock, self)
+        idle = self.may_idle and not self.buffer
+        return watcher.wait_readable(sock, self._deadline(), idle)
+
+    def open_wait_scope(self) -> trio.CancelScope | None:
+        """The scope a wait for data runs in: None if nothing can end it."""
+        self.idle_signal = signal = self._idle_signal()
+        scope = None if signal is None else signal.open_wait_scope()
+        deadline = self._deadline()
         if deadline != math.inf:
             if scope is None:
                 scope = trio.CancelScope()
