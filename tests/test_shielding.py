@@ -203,3 +203,60 @@ async def test_a_datagram_reply_that_must_wait_for_room_is_still_sent(
                 # The shield hides fail_after too: the bound is the timeout.
                 assert not await await_shielded(handler.finish, timeout=HANG_LIMIT)
         assert client.recv(100) == b"reply"
+
+
+class BufferedStreamHandler(trioserve.StreamRequestHandler):
+    wbufsize = 65536
+    wfile: trioserve.AsyncBufferedWriter
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+async def test_a_stream_reply_still_buffered_is_flushed_in_a_cancelled_scope(
+    timeout: float | None,
+) -> None:
+    # The real marked finish() of a stream handler with bytes in its buffer,
+    # on its slow path: the peer's buffers are full, so the flush waits for
+    # room, with a timeout inside a scope of its own. The shield must be up
+    # before that scope, and before any look at the cancellation.
+    raw_left, raw_right = socket.socketpair()
+    left = trio.socket.from_stdlib_socket(raw_left)
+    right = trio.socket.from_stdlib_socket(raw_right)
+    async with trio.SocketStream(left) as near, trio.SocketStream(right) as far:
+        server = trioserve.BaseServer(("127.0.0.1", 0), BufferedStreamHandler)
+        handler = BufferedStreamHandler(near, ("127.0.0.1", 1), server)
+        handler.timeout = timeout
+        await handler.setup()
+        filler = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:  # until the socket pair's buffers are full
+                filler += raw_left.send(b"f" * 4096)
+        await handler.wfile.write(b"reply")
+        assert handler.wfile.buffered == 5
+        received = bytearray()
+        async with trio.open_nursery() as nursery:
+
+            async def drain_once_finish_waits() -> None:
+                await wait_all_tasks_blocked()
+                while len(received) < filler + 5:
+                    received.extend(await far.receive_some(65536))
+
+            nursery.start_soon(drain_once_finish_waits)
+            with trio.CancelScope() as outer:
+                outer.cancel()
+                assert not await await_shielded(handler.finish, timeout=HANG_LIMIT)
+        assert received.endswith(b"freply")
+
+
+async def test_a_stream_handler_with_nothing_buffered_finishes_without_a_wait() -> None:
+    # So its shield is never entered: the finish is done in its first step.
+    left, right = trio.socket.socketpair()
+    async with trio.SocketStream(left) as near, trio.SocketStream(right):
+        server = trioserve.BaseServer(("127.0.0.1", 0), trioserve.StreamRequestHandler)
+        handler = trioserve.StreamRequestHandler(near, ("127.0.0.1", 1), server)
+        await handler.setup()
+        await handler.wfile.write(b"sent at once")
+        assert isinstance(handler.wfile, trioserve.AsyncBufferedWriter)
+        assert handler.wfile.buffered == 0
+        finish = handler.finish()
+        with pytest.raises(StopIteration):
+            finish.send(None)

@@ -224,11 +224,19 @@ class StreamRequestHandler(BaseRequestHandler):
             self.connection, buffer_size=self.wbufsize, timeout=self.timeout
         )
 
+    @shieldable_from_first_wait
     async def finish(self) -> None:
         """Flush ``wfile``; call it from an override."""
+        wfile = self.wfile
+        if isinstance(wfile, AsyncBufferedWriter) and not wfile.buffered:
+            return
+        # The flush may wait, and may look at cancellation first: the shield
+        # must be in place before it, and this checkpoint, which does
+        # neither, is where it begins (see shieldable_from_first_wait).
+        await trio.lowlevel.cancel_shielded_checkpoint()
         # If the peer has gone, there is nobody left to deliver to.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.wfile.flush()
+            await wfile.flush()
 
 
 class DatagramRequestHandler(BaseRequestHandler):

@@ -591,6 +591,11 @@ class AsyncBufferedWriter:
         self.timeout = timeout
         self._io = SocketIO.of_stream(stream)
 
+    @property
+    def buffered(self) -> int:
+        """How many bytes :meth:`write` holds in the buffer, not yet sent."""
+        return 0 if self._buffer is None else len(self._buffer)
+
     def _start_writing(self) -> None:
         # As _start_reading, for writes.
         if self._writing:
