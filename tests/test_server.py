@@ -1043,6 +1043,53 @@ async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
     assert ticks_seen[-1] - ticks_seen[0] >= checkpoints - 2
 
 
+async def test_a_backlog_is_accepted_in_stretches_that_cannot_starve_others() -> None:
+    # Connections already waiting in the backlog are accepted without a
+    # checkpoint each (as Trio's accept would take), but with one every so
+    # many, so other tasks still run while a backlog drains.
+    from trioserve._socketio import READY_OPERATIONS_PER_CHECKPOINT
+
+    ticks = 0
+    ticks_seen: list[int] = []
+    all_taken = trio.Event()
+
+    class Counting(trioserve.TCPServer):
+        async def verify_request(self, request: Any, client_address: Any) -> bool:
+            # Runs in the accept task, as each connection is taken.
+            ticks_seen.append(ticks)
+            if len(ticks_seen) == flood:
+                all_taken.set()
+            return True
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    flood = 4 * READY_OPERATIONS_PER_CHECKPOINT
+    server = Counting(("127.0.0.1", 0), trioserve.BaseRequestHandler)
+    async with serving(server), trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        # Connected without a checkpoint between: all wait in the backlog
+        # before the server runs again.
+        clients = [
+            socket.create_connection(server.server_address) for _ in range(flood)
+        ]
+        try:
+            with trio.fail_after(5):
+                await all_taken.wait()
+        finally:
+            for client in clients:
+                client.close()
+        nursery.cancel_scope.cancel()
+    # The ticker ran while the backlog drained, not only after it...
+    checkpoints = flood // READY_OPERATIONS_PER_CHECKPOINT
+    assert ticks_seen[-1] - ticks_seen[0] >= checkpoints - 2
+    # ...but not between every two connections.
+    assert len(set(ticks_seen)) <= checkpoints + 2
+
+
 async def answer_at_once(
     client: socket.socket,
     address: Any,

@@ -100,6 +100,17 @@ class RequestSource:
     ready: Callable[[], Accepted | None] | None = None
     pacer: Pacer | None = None
 
+    async def take(self) -> Accepted:
+        """The next request: one already waiting if there is, else the next.
+
+        Unpaced: for a single request, as ``handle_request`` takes it. One
+        already waiting is taken before this first yields, so a race of
+        listeners cancelled by the first to take a request cannot cancel
+        another that found one too.
+        """
+        accepted = None if self.ready is None else self.ready()
+        return await self.wait() if accepted is None else accepted
+
 
 def family_of(
     address: Any,
@@ -289,11 +300,43 @@ class StreamListener(Listener):
     #: ``(idle, interval, count)`` for accepted TCP connections, or None to
     #: leave the system's defaults.
     tcp_keepalive: TCPKeepalive | None = attrs.field(default=None, kw_only=True)
+    # Paces the accepts that find a connection ready (see _socketio.Pacer).
+    pacer: Pacer = attrs.Factory(Pacer)
 
     def source(self) -> RequestSource:
-        if self._keepalive() is None:
-            return RequestSource(self.accept)
-        return RequestSource(self._accept_keeping_alive)
+        inner = stdlib_socket_of(self.socket)
+        if inner is None:
+            if self._keepalive() is None:
+                return RequestSource(self.accept)
+            return RequestSource(self._accept_keeping_alive)
+        # As a datagram listener's fast path: connections already waiting
+        # are taken by a plain call, and the receive-and-wait loop waits for
+        # the next once the backlog is empty (see benchmarks/README.md,
+        # "Measured costs behind the code: ready connections accepted
+        # without a coroutine").
+        try_accept = partial(self._try_accept, inner)
+        wait = partial(receive_when_ready, try_accept, None, 0, inner, None, None)
+        return RequestSource(
+            cast(Callable[[], Awaitable[Accepted]], wait),
+            ready=try_accept,
+            pacer=self.pacer,
+        )
+
+    def _try_accept(
+        self, inner: stdlib_socket.socket, _source: object = None, _size: int = 0
+    ) -> Accepted | None:
+        """The next connection waiting, or None; never waits.
+
+        Errors are accept's, as Trio's ``accept`` raises them. Its last
+        arguments are the ones ``receive_when_ready`` passes, unused.
+        """
+        try:
+            connection, client_address = inner.accept()
+        except BlockingIOError:
+            return None
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+        self._set_options(stream)
+        return stream, client_address
 
     async def accept(self) -> Accepted:
         """Accept the next connection."""
@@ -324,17 +367,13 @@ class StreamListener(Listener):
             raise
 
     def take_waiting(self) -> Accepted | None:
-        sock = stdlib_socket_of(self.socket)
-        if sock is None:
+        inner = stdlib_socket_of(self.socket)
+        if inner is None:
             return None
-        try:
-            connection, client_address = sock.accept()
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
-            self._set_options(stream)
-        except OSError:
-            # Empty (EAGAIN), or a connection that died waiting.
-            return None
-        return stream, client_address
+        # None too for a connection that died waiting.
+        with contextlib.suppress(OSError):
+            return self._try_accept(inner)
+        return None
 
 
 @attrs.define(eq=False)

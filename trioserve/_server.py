@@ -491,7 +491,7 @@ class BaseServer:
                 async with trio.open_nursery() as race:
                     for source in self._request_sources():
                         race.start_soon(
-                            self._take_first, source.wait, taken, race.cancel_scope
+                            self._take_first, source, taken, race.cancel_scope
                         )
             if not taken:
                 if timer.cancelled_caught:
@@ -709,7 +709,7 @@ class BaseServer:
 
     async def _take_first(
         self,
-        source: Callable[[], Awaitable[tuple[Any, Any]]],
+        source: RequestSource,
         taken: list[tuple[Any, Any]],
         race: trio.CancelScope,
     ) -> None:
@@ -717,7 +717,7 @@ class BaseServer:
         it is first of all, ends the ``race``."""
         while True:
             try:
-                taken.append(await source())
+                taken.append(await source.take())
             except (OSError, trio.ClosedResourceError) as exc:
                 if await self._accept_errors.retry_after(exc):
                     continue

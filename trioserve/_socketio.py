@@ -43,7 +43,13 @@ _Received = TypeVar("_Received")
 
 
 def stdlib_socket_of(sock: trio.socket.SocketType) -> socket.socket | None:
-    """The stdlib socket inside a Trio socket, or None if it cannot be had."""
+    """The stdlib socket inside a Trio socket, or None if it cannot be had.
+
+    None too for a stand-in that is not a Trio socket (as tests wrap one to
+    make it fail): its own methods must be called, not the socket's below.
+    """
+    if not isinstance(sock, trio.socket.SocketType):
+        return None
     # Trio's socket wraps the stdlib one as _sock; if a Trio release changes
     # that, we lose only the fast path.
     inner = getattr(sock, "_sock", None)
