@@ -180,6 +180,12 @@ class StreamRequestHandler(BaseRequestHandler):
     keeps waiting for the rest. Read through ``rfile`` (``read1`` to feed a
     parser of your own): a read on ``self.connection`` itself is not known
     to be idle, so it holds up a shutdown for the whole grace period.
+
+    A read through ``rfile`` that waits while another task closes the
+    connection raises :exc:`trio.ClosedResourceError` within a second (on
+    Linux the wait is parked with the server, which looks for closed
+    sockets once a second), not at once as a wait on ``self.connection``
+    would.
     """
 
     #: The most bytes one receive asks the stream for.
