@@ -1001,29 +1001,35 @@ def test_inline_is_deprecated() -> None:
             inline = True
 
 
+class Ticker:
+    """Counts the turns the scheduler gives it, for as long as it runs."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            self.ticks += 1
+            await trio.lowlevel.checkpoint()
+
+
 async def test_a_datagram_flood_cannot_starve_other_tasks() -> None:
     # Ready datagrams are received without waiting, so without a checkpoint
     # now and then a flood would hold the scheduler until the socket drained.
     from trioserve._socketio import READY_OPERATIONS_PER_CHECKPOINT
 
-    ticks = 0
+    ticker = Ticker()
     ticks_seen: list[int] = []
 
     class Counting(trioserve.DatagramRequestHandler):
         async def handle(self) -> None:
-            ticks_seen.append(ticks)
+            ticks_seen.append(ticker.ticks)
             await self.wfile.write(self.packet)
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await trio.lowlevel.checkpoint()
 
     flood = 4 * READY_OPERATIONS_PER_CHECKPOINT
     udp = trioserve.UDPServer(("127.0.0.1", 0), Counting)
     async with serving(udp), trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)
+        nursery.start_soon(ticker.run)
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with trio.socket.from_stdlib_socket(sender) as client:
             # Sent without a checkpoint between: all wait in the server's
@@ -1049,28 +1055,22 @@ async def test_a_backlog_is_accepted_in_stretches_that_cannot_starve_others() ->
     # many, so other tasks still run while a backlog drains.
     from trioserve._socketio import READY_OPERATIONS_PER_CHECKPOINT
 
-    ticks = 0
+    ticker = Ticker()
     ticks_seen: list[int] = []
     all_taken = trio.Event()
 
     class Counting(trioserve.TCPServer):
         async def verify_request(self, request: Any, client_address: Any) -> bool:
             # Runs in the accept task, as each connection is taken.
-            ticks_seen.append(ticks)
+            ticks_seen.append(ticker.ticks)
             if len(ticks_seen) == flood:
                 all_taken.set()
             return True
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await trio.lowlevel.checkpoint()
-
     flood = 4 * READY_OPERATIONS_PER_CHECKPOINT
     server = Counting(("127.0.0.1", 0), trioserve.BaseRequestHandler)
     async with serving(server), trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)
+        nursery.start_soon(ticker.run)
         # Connected without a checkpoint between: all wait in the backlog
         # before the server runs again.
         clients = [
